@@ -1,6 +1,29 @@
-"""slora: Sensitivity-LoRA rank allocation and fast heterogeneous-rank LoRA kernels."""
+"""slora: Sensitivity-LoRA rank allocation and fast heterogeneous-rank LoRA kernels.
+
+report = slora.analyze(model, batches)           # per-matrix sensitivity
+plan = slora.allocate(report, avg_rank=8)        # one rank per matrix
+model = slora.patch(model, plan)                 # LoRA with those ranks, base frozen
+slora.save_adapter(model, "adapter/")            # PEFT format
+"""
 
 from slora import ops
+from slora.core.allocation import RankPlan, allocate
+from slora.core.analysis import analyze
+from slora.core.patch import merge, patch, unpatch
+from slora.core.peft_io import load_adapter, save_adapter
+from slora.core.report import SensitivityReport
 
 __version__ = "0.1.0"
-__all__ = ["ops", "__version__"]
+__all__ = [
+    "RankPlan",
+    "SensitivityReport",
+    "allocate",
+    "analyze",
+    "load_adapter",
+    "merge",
+    "ops",
+    "patch",
+    "save_adapter",
+    "unpatch",
+    "__version__",
+]

@@ -1,0 +1,81 @@
+"""``slora`` command line: ``demo`` (the main job), ``analyze``, ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    import slora
+    from slora import embedded
+
+    model = embedded.load_model()
+    batches = embedded.calibration_batches(args.batches, args.batch_size, args.max_length)
+    report = slora.analyze(model, batches, estimator=args.estimator)
+    plan = slora.allocate(report, avg_rank=args.avg_rank, budget=args.budget)
+    print(report.table(plan.ranks))
+    print(
+        f"\n{len(plan.ranks)} matrices, total rank {plan.total_rank}, "
+        f"{plan.trainable_params:,} LoRA parameters (avg_rank={args.avg_rank}, budget={args.budget})"
+    )
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        report.to_json(out / "sensitivity.json")
+        plan.to_json(out / "plan.json")
+        from slora.core.plots import plot_report
+
+        plot_report(report, plan.ranks, out / "sensitivity.png")
+        print(f"wrote {out / 'sensitivity.json'}, {out / 'plan.json'}, {out / 'sensitivity.png'}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    try:
+        from slora import bench
+    except ImportError as exc:
+        print(f"slora bench is not available: {exc}", file=sys.stderr)
+        return 1
+    return bench.main(args.rest)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    try:
+        from slora import demo
+    except ImportError:
+        demo = None
+    if demo is None:
+        return _analyze(args)
+    return demo.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slora", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    an = sub.add_parser("analyze", help="sensitivity table and ranks on the embedded default")
+    for p in (an,):
+        p.add_argument(
+            "--estimator", default="fisher", choices=["activation", "fisher", "fisher_exact"]
+        )
+        p.add_argument("--avg-rank", type=float, default=4)
+        p.add_argument("--budget", default="rank", choices=["rank", "params"])
+        p.add_argument("--batches", type=int, default=8)
+        p.add_argument("--batch-size", type=int, default=16)
+        p.add_argument("--max-length", type=int, default=64)
+        p.add_argument("--out", default="slora-out")
+    an.set_defaults(func=_analyze)
+    bench = sub.add_parser("bench", help="kernel benchmark table for this machine")
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,231 @@
+"""``slora.allocate``: turn sensitivity scores into one LoRA rank per matrix (SPEC §2).
+
+SRA gives each matrix a share of the budget proportional to its score θ.  Bounds are met by
+water-filling: the continuous solution is r_w = clip(λ·θ_w, lo, hi) with λ found by bisection
+so that the budget is met exactly, which redistributes whatever the bounds cut off by the same
+proportional rule.  Integers come from largest-remainder rounding (ties: higher θ, then name),
+so a rank budget is met exactly and ranks stay monotone in θ.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slora.core.report import SensitivityReport
+
+METHODS = ("sra", "uniform", "pra")
+BUDGETS = ("rank", "params")
+
+
+@dataclass
+class RankPlan:
+    """One LoRA rank per target matrix (0 = no adapter), with the matrices' shapes."""
+
+    ranks: dict[str, int]
+    dims: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (d_in, d_out)
+    method: str = "sra"
+    budget: str = "rank"
+    avg_rank: float = 0.0
+
+    @property
+    def total_rank(self) -> int:
+        return sum(self.ranks.values())
+
+    @property
+    def trainable_params(self) -> int:
+        """Σ r·(d_in + d_out): the LoRA parameters the plan adds."""
+        return sum(r * sum(self.dims[n]) for n, r in self.ranks.items() if n in self.dims)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "budget": self.budget,
+            "avg_rank": self.avg_rank,
+            "ranks": dict(self.ranks),
+            "dims": {n: list(d) for n, d in self.dims.items()},
+        }
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RankPlan:
+        try:
+            ranks = {str(n): int(r) for n, r in data["ranks"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"not a RankPlan: 'ranks' must map names to ints ({exc})") from exc
+        dims = {n: (int(d[0]), int(d[1])) for n, d in data.get("dims", {}).items()}
+        return cls(
+            ranks,
+            dims,
+            data.get("method", "sra"),
+            data.get("budget", "rank"),
+            float(data.get("avg_rank", 0.0)),
+        )
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> RankPlan:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def to_peft_config(self, **lora_kwargs: Any):
+        """A ``peft.LoraConfig`` with ``target_modules``, ``rank_pattern`` and ``alpha_pattern``.
+
+        ``lora_alpha`` (default 2 × the mean rank) is turned into a per-module alpha so that
+        every module gets the same scale ``lora_alpha / mean rank`` whatever its rank.
+        """
+        from peft import LoraConfig
+
+        active = {n: r for n, r in self.ranks.items() if r > 0}
+        if not active:
+            raise ValueError("the plan gives every module rank 0: there is nothing to adapt")
+        mean_rank = sum(active.values()) / len(active)
+        alpha = float(lora_kwargs.pop("lora_alpha", 2.0 * mean_rank))
+        r = max(active.values())
+        return LoraConfig(
+            r=r,
+            lora_alpha=alpha * r / mean_rank,
+            target_modules=sorted(active),
+            rank_pattern=dict(active),
+            alpha_pattern={n: alpha * k / mean_rank for n, k in active.items()},
+            **lora_kwargs,
+        )
+
+
+def _continuous(
+    scores: list[float], costs: list[int], budget: float, lo: list[int], hi: list[float]
+) -> list[float]:
+    """x_w = clip(λ θ_w, lo_w, hi_w) with Σ cost_w x_w = budget (bisection on λ)."""
+
+    def spent(lam: float) -> float:
+        return sum(c * min(max(lam * s, a), b) for s, c, a, b in zip(scores, costs, lo, hi))
+
+    if sum(scores) == 0:
+        scores = [1.0] * len(scores)
+    lam_lo, lam_hi = 0.0, 1.0
+    while spent(lam_hi) < budget and lam_hi < 1e300:
+        lam_hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lam_lo + lam_hi)
+        if spent(mid) < budget:
+            lam_lo = mid
+        else:
+            lam_hi = mid
+    return [min(max(lam_hi * s, a), b) for s, a, b in zip(scores, lo, hi)]
+
+
+def _round(
+    names: list[str],
+    scores: list[float],
+    costs: list[int],
+    budget: int,
+    lo: list[int],
+    hi: list[float],
+) -> list[int]:
+    """Integer units: floors of the continuous solution, then +1 by largest remainder."""
+    x = _continuous(scores, costs, budget, lo, hi)
+    units = [max(a, math.floor(v + 1e-9)) for v, a in zip(x, lo)]
+    left = budget - sum(c * u for c, u in zip(costs, units))
+    order = sorted(range(len(names)), key=lambda i: (-(x[i] - units[i]), -scores[i], names[i]))
+    progress = True
+    while left > 0 and progress:  # a params budget may need more than one pass
+        progress = False
+        for i in order:
+            if units[i] < hi[i] and costs[i] <= left:
+                units[i] += 1
+                left -= costs[i]
+                progress = True
+    return units
+
+
+def _validate(report: SensitivityReport, avg_rank: float, min_rank: int, max_rank, multiple_of):
+    if not report.modules:
+        raise ValueError("the report has no modules to allocate ranks to")
+    if not (isinstance(avg_rank, (int, float)) and avg_rank > 0 and math.isfinite(avg_rank)):
+        raise ValueError(f"avg_rank must be a positive number, got {avg_rank!r}")
+    if not isinstance(min_rank, int) or min_rank < 0:
+        raise ValueError(f"min_rank must be an int ≥ 0, got {min_rank!r}")
+    if max_rank is not None and (not isinstance(max_rank, int) or max_rank < max(min_rank, 1)):
+        raise ValueError(f"max_rank must be an int ≥ max(min_rank, 1), got {max_rank!r}")
+    if not isinstance(multiple_of, int) or multiple_of < 1:
+        raise ValueError(f"multiple_of must be an int ≥ 1, got {multiple_of!r}")
+    bad = [n for n, m in report.modules.items() if not math.isfinite(m["score"]) or m["score"] < 0]
+    if bad:
+        raise ValueError(f"scores must be finite and ≥ 0; not so for {', '.join(bad[:5])}")
+
+
+def allocate(
+    report: SensitivityReport,
+    avg_rank: float = 8,
+    min_rank: int = 1,
+    max_rank: int | None = None,
+    multiple_of: int = 1,
+    method: str = "sra",
+    budget: str = "rank",
+    *,
+    pra_bands: int = 4,
+) -> RankPlan:
+    """Split a rank budget over the report's matrices by sensitivity (SPEC §2).
+
+    The budget is ``avg_rank × number of matrices`` ranks (``budget="rank"``) or the same
+    number of trainable parameters as rank ``avg_rank`` everywhere (``budget="params"``).
+    ``method``: ``"sra"`` (proportional to θ), ``"uniform"``, or ``"pra"`` (``pra_bands`` bands
+    of matrices sorted by θ, band weights falling linearly from high to low).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    if budget not in BUDGETS:
+        raise ValueError(f"unknown budget {budget!r}; expected one of {BUDGETS}")
+    _validate(report, avg_rank, min_rank, max_rank, multiple_of)
+    names = list(report.modules)
+    dims = {n: (int(m["d_in"]), int(m["d_out"])) for n, m in report.modules.items()}
+    theta = report.scores
+    if method == "uniform" or len(set(theta.values())) == 1:
+        weights = [1.0] * len(names)
+    elif method == "sra":
+        weights = [theta[n] for n in names]
+    else:
+        ranked = sorted(names, key=lambda n: (-theta[n], n))
+        band = {n: i * pra_bands // len(names) for i, n in enumerate(ranked)}
+        weights = [float(pra_bands - band[n]) for n in names]
+    step = multiple_of
+    lo_units = math.ceil(min_rank / step)
+    hi_units = []
+    for n in names:
+        limit = min(dims[n])  # a LoRA rank above min(d_in, d_out) adds nothing
+        if max_rank is not None:
+            limit = min(limit, max_rank)
+        hi_units.append(limit // step)
+    if budget == "rank":
+        costs = [1] * len(names)
+        total = round(avg_rank * len(names) / step)
+    else:
+        costs = [sum(dims[n]) * step for n in names]
+        total = round(avg_rank * sum(sum(dims[n]) for n in names))
+    lo = [min(lo_units, h) for h in hi_units]
+    if any(lo_units > h for h in hi_units):
+        raise ValueError(
+            f"min_rank={min_rank} exceeds max_rank or a matrix's smallest dimension "
+            f"(max allowed {min(hi_units) * step})"
+        )
+    floor_cost = sum(c * a for c, a in zip(costs, lo))
+    if floor_cost > total:
+        unit = "ranks" if budget == "rank" else "parameters"
+        raise ValueError(
+            f"budget too small for min_rank={min_rank}: {len(names)} matrices need at least "
+            f"{floor_cost * (step if budget == 'rank' else 1)} {unit}, the budget is "
+            f"{total * (step if budget == 'rank' else 1)} (avg_rank={avg_rank})"
+        )
+    ceiling_cost = sum(c * h for c, h in zip(costs, hi_units))
+    if ceiling_cost < total:
+        raise ValueError(
+            f"budget too large: avg_rank={avg_rank} exceeds what max_rank={max_rank} and the "
+            f"matrix shapes allow (at most {ceiling_cost * (step if budget == 'rank' else 1)})"
+        )
+    units = _round(names, weights, costs, total, lo, [float(h) for h in hi_units])
+    return RankPlan(
+        {n: u * step for n, u in zip(names, units)}, dims, method, budget, float(avg_rank)
+    )

@@ -1,0 +1,297 @@
+"""``slora.analyze``: one calibration pass that reduces per-matrix sensitivity statistics.
+
+Forward hooks on every target matrix reduce its input x to Σ_t x_t² (per column) and ‖x_t‖²
+(per token) at once, so the layer input is not kept alive for the backward.  For the
+gradient-based estimators each target output gets a tensor hook that reduces dy = ∂L/∂y to
+Σ_t dy_t² and the exact trace term Σ_t‖dy_t‖²‖x_t‖² when the backward reaches it.  The
+weights stay frozen: no weight gradient is ever formed.  Reductions go through ``slora.ops``,
+so the fastest backend for the device runs them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import ExitStack
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from slora import ops
+from slora.core.metrics import ESTIMATORS, MatrixStats, combine, matrix_metrics
+from slora.core.report import SensitivityReport
+from slora.core.targets import find_targets, linear_dims
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+
+
+def default_loss(model: nn.Module, batch: Any) -> Tensor:
+    """``model(**batch).loss`` for dict batches (transformers models)."""
+    out = call_model(model, batch)
+    loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+    if loss is None:
+        raise ValueError(
+            "the model returned no loss: put labels in each batch, or pass "
+            "loss_fn=lambda model, batch: ... returning a scalar"
+        )
+    return loss
+
+
+def call_model(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
+
+
+class _MatrixCollector:
+    """Accumulates the statistics of one target matrix, batch by batch."""
+
+    def __init__(self, module: nn.Module, estimator: str, device: torch.device):
+        self.d_in, self.d_out = linear_dims(module)
+        self.estimator = estimator
+        f32 = dict(dtype=torch.float32, device=device)
+        self.total = MatrixStats(self.d_in, self.d_out, torch.zeros(self.d_in, **f32))
+        self.batch = MatrixStats(self.d_in, self.d_out, torch.zeros(self.d_in, **f32))
+        if estimator != "activation":
+            for s in (self.total, self.batch):
+                s.row_sq = torch.zeros(self.d_out, **f32)
+                s.trace = torch.zeros(1, **f32)
+                if estimator == "fisher_exact":
+                    s.diag = torch.zeros(self.d_out, self.d_in, **f32)
+
+    def buffers(self, stats: MatrixStats) -> list[Tensor]:
+        return [t for t in (stats.col_sq, stats.row_sq, stats.trace, stats.diag) if t is not None]
+
+    def reset_batch(self) -> None:
+        for t in self.buffers(self.batch):
+            t.zero_()
+        self.batch.tokens = 0
+
+    def commit_batch(self) -> None:
+        for total, part in zip(self.buffers(self.total), self.buffers(self.batch)):
+            total += part
+        self.total.tokens += self.batch.tokens
+
+    def batch_checksum(self) -> Tensor:
+        return sum(t.double().sum() for t in self.buffers(self.batch))
+
+
+class _Calibration:
+    """Hooks on the target matrices for the duration of one ``analyze`` call."""
+
+    def __init__(self, targets: dict[str, nn.Module], estimator: str, backend: str | None):
+        self.targets = targets
+        self.estimator = estimator
+        self.backend = backend
+        self.collectors = {
+            name: _MatrixCollector(mod, estimator, _device_of(mod)) for name, mod in targets.items()
+        }
+        self.mask: Tensor | None = None  # bool, shape of the batch's leading dims
+        self.mask_flat: Tensor | None = None
+        self.mask_tokens = 0
+        self.anchor: Tensor | None = None
+
+    def set_batch(self, batch: Any, device: torch.device) -> int:
+        """Record the batch's padding mask; returns its number of real tokens (-1: no mask)."""
+        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        for c in self.collectors.values():
+            c.reset_batch()
+        if mask is None:
+            self.mask = self.mask_flat = None
+            return -1
+        self.mask = mask.to(device=device).bool()
+        self.mask_tokens = int(self.mask.sum())
+        all_real = self.mask_tokens == self.mask.numel()
+        self.mask_flat = None if all_real else self.mask.reshape(-1)
+        return self.mask_tokens
+
+    def _row_mask(self, x: Tensor) -> tuple[Tensor | None, int]:
+        lead = x.shape[:-1]
+        if self.mask is not None and lead == self.mask.shape:
+            return self.mask_flat, self.mask_tokens
+        return None, lead.numel()
+
+    def forward_hook(self, name: str):
+        collector = self.collectors[name]
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor):
+            x = args[0] if args else kwargs.get("input", kwargs.get("x"))
+            x2 = x.detach().reshape(-1, collector.d_in)
+            row_mask, tokens = self._row_mask(x)
+            collector.batch.tokens += tokens
+            x_token_sq = ops.accumulate_input_stats(
+                x2, row_mask, collector.batch.col_sq, backend=self.backend
+            )
+            if self.estimator == "activation" or not torch.is_grad_enabled():
+                return None
+            if not output.requires_grad:
+                # The frozen model before this layer gives nothing to differentiate: join the
+                # graph through a zero scalar so that dy still reaches this layer's hook.
+                output = output + self.anchor
+            saved_x = x2 if self.estimator == "fisher_exact" else None
+
+            def grad_hook(dy: Tensor) -> None:
+                dy2 = dy.detach().reshape(-1, collector.d_out)
+                stats = collector.batch
+                ops.accumulate_grad_stats(
+                    dy2, row_mask, x_token_sq, stats.row_sq, stats.trace, backend=self.backend
+                )
+                if saved_x is not None:
+                    ops.accumulate_fisher_exact(
+                        dy2, saved_x, row_mask, stats.diag, backend=self.backend
+                    )
+
+            output.register_hook(grad_hook)
+            return output
+
+        return hook
+
+    def batch_is_finite(self) -> bool:
+        checks = [c.batch_checksum() for c in self.collectors.values()]
+        return bool(torch.isfinite(torch.stack([c.cpu() for c in checks])).all())
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _progress(iterable: Iterable, total: int | None, enabled: bool, desc: str):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False)
+
+
+def analyze(
+    model: nn.Module,
+    data: Iterable[Any],
+    estimator: str = "fisher",
+    target_modules: Sequence[str] | str | None = None,
+    loss_fn: LossFn | None = None,
+    max_batches: int | None = None,
+    progress: bool = True,
+    *,
+    topk_frac: float = 0.5,
+    alpha: float = 0.85,
+    backend: str | None = None,
+) -> SensitivityReport:
+    """Estimate every target matrix's sensitivity over calibration batches (SPEC §1).
+
+    The model comes back as it went in: hooks removed, ``requires_grad`` and train/eval mode
+    restored; its weights never receive a gradient.  Batches whose loss or gradients are not
+    finite are skipped with a warning.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; expected one of {ESTIMATORS}")
+    if not 0.0 < topk_frac <= 1.0:
+        raise ValueError(f"topk_frac must be in (0, 1], got {topk_frac}")
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be ≥ 1 or None, got {max_batches}")
+    if isinstance(data, (Tensor, Mapping)):
+        raise TypeError(
+            "data must be an iterable of batches (e.g. a list of dicts or a DataLoader), "
+            f"not a single {type(data).__name__}; wrap it in a list"
+        )
+    targets = find_targets(model, target_modules)
+    device = _device_of(model)
+    forward_only = loss_fn or call_model
+    loss_fn = loss_fn or default_loss
+    calib = _Calibration(targets, estimator, backend)
+    calib.anchor = torch.zeros((), device=device, requires_grad=True)
+    was_training = model.training
+    grad_flags = {p: p.requires_grad for p in model.parameters()}
+    total_batches = len(data) if hasattr(data, "__len__") else None
+    if max_batches is not None and total_batches is not None:
+        total_batches = min(total_batches, max_batches)
+    num_tokens, used, skipped, empty = 0, 0, 0, 0
+    with ExitStack() as stack:
+        stack.callback(model.train, was_training)
+        stack.callback(lambda: [p.requires_grad_(f) for p, f in grad_flags.items()])
+        for name, module in targets.items():
+            handle = module.register_forward_hook(calib.forward_hook(name), with_kwargs=True)
+            stack.callback(handle.remove)
+        model.eval()
+        for p in grad_flags:
+            p.requires_grad_(False)
+        for i, batch in enumerate(_progress(data, total_batches, progress, "slora calibration")):
+            if max_batches is not None and i >= max_batches:
+                break
+            batch = move_to(batch, device)
+            real_tokens = calib.set_batch(batch, device)
+            if real_tokens == 0:
+                empty += 1
+                continue
+            if estimator == "activation":
+                with torch.no_grad():
+                    forward_only(model, batch)
+                ok = calib.batch_is_finite()
+            else:
+                loss = loss_fn(model, batch)
+                if not isinstance(loss, Tensor) or loss.numel() != 1:
+                    raise TypeError(
+                        f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
+                        + (f" of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else "")
+                    )
+                ok = bool(torch.isfinite(loss.detach()))
+                if ok:
+                    loss.backward()
+                    ok = calib.batch_is_finite()
+                calib.anchor.grad = None
+            if not ok:
+                skipped += 1
+                warnings.warn(
+                    f"slora.analyze: calibration batch {i} has a non-finite loss, activation or "
+                    "gradient; it was skipped",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                continue
+            for c in calib.collectors.values():
+                c.commit_batch()
+            used += 1
+            num_tokens += real_tokens if real_tokens > 0 else 0
+    if used == 0:
+        reason = (
+            f"{skipped} batch(es) had non-finite values and {empty} were all padding"
+            if skipped or empty
+            else "the calibration data is empty"
+        )
+        raise ValueError(f"slora.analyze: no usable calibration batch: {reason}")
+    stats = {name: c.total for name, c in calib.collectors.items()}
+    if num_tokens == 0:
+        num_tokens = max(s.tokens for s in stats.values())
+    return build_report(estimator, num_tokens, stats, topk_frac=topk_frac, alpha=alpha)
+
+
+def build_report(
+    estimator: str,
+    num_tokens: int,
+    stats: dict[str, MatrixStats],
+    topk_frac: float = 0.5,
+    alpha: float = 0.85,
+) -> SensitivityReport:
+    """Metrics per matrix, then their combination into scores (SPEC §1–2)."""
+    metrics = {name: matrix_metrics(estimator, s, topk_frac, alpha) for name, s in stats.items()}
+    combined = combine(metrics)
+    modules = {
+        name: {"d_in": stats[name].d_in, "d_out": stats[name].d_out, **combined[name]}
+        for name in stats
+    }
+    return SensitivityReport(estimator, int(num_tokens), modules)

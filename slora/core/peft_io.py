@@ -1,0 +1,224 @@
+"""Adapters on disk in the PEFT format (SPEC §5): ``adapter_config.json`` +
+``adapter_model.safetensors``.
+
+By default the per-module scale is folded into ``lora_B`` and every module's alpha equals its
+rank, so the scale is 1 both for PEFT (which reads ``rank_pattern``/``alpha_pattern``) and for
+servers such as vLLM that apply one global ``lora_alpha / r``.  Loading reads safetensors only
+(never pickle) and checks every tensor's name and shape against the config and the base model
+before the model is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slora.core.patch import get_state, lora_layers, patch, plan_for_ranks
+from slora.core.targets import is_linear_like, linear_dims
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, *, fold_scale: bool = True) -> Path:
+    """Write the patched model's adapters (and ``modules_to_save``) in the PEFT format.
+
+    ``fold_scale=False`` keeps B unscaled and writes the scales as ``alpha_pattern`` instead
+    (PEFT reproduces it; servers that read only the global alpha do not).
+    """
+    from safetensors.torch import save_file
+
+    state = get_state(model)
+    layers = lora_layers(model)
+    if state.merged:
+        raise ValueError("the adapters are merged into the base weights; save before slora.merge")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    ranks, alphas = {}, {}
+    for name, layer in layers.items():
+        b = layer.lora_B.weight.detach()
+        if fold_scale:
+            b = b * layer.scale
+            alphas[name] = float(layer.rank)
+        else:
+            alphas[name] = layer.scale * (math.sqrt(layer.rank) if state.use_rslora else layer.rank)
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().contiguous()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = b.contiguous()
+        ranks[name] = layer.rank
+    for name in state.modules_to_save:
+        for key, value in model.get_submodule(name).state_dict().items():
+            tensors[f"{PREFIX}{name}.{key}"] = value.detach().contiguous()
+    r = max(ranks.values())
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None)
+        or None,
+        "r": r,
+        "lora_alpha": float(r) if fold_scale else alphas[max(ranks, key=ranks.get)],
+        "target_modules": sorted(ranks),
+        "rank_pattern": ranks,
+        "alpha_pattern": alphas,
+        "use_rslora": bool(state.use_rslora and not fold_scale),
+        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "modules_to_save": list(state.modules_to_save) or None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    return out
+
+
+@dataclass
+class AdapterFile:
+    """A validated PEFT LoRA adapter: per-module A, B, rank and scale (not yet applied)."""
+
+    config: dict[str, Any]
+    a: dict[str, torch.Tensor]
+    b: dict[str, torch.Tensor]
+    ranks: dict[str, int]
+    scales: dict[str, float]
+    extra: dict[str, torch.Tensor]  # modules_to_save tensors, keyed "<module>.<param>"
+
+
+def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
+    """PEFT's rule: the first key k with re.match(r"(.*\\.)?(k)$", name) wins."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def read_adapter(adapter_dir: str | Path, base_model: nn.Module | None = None) -> AdapterFile:
+    """Read and validate a PEFT LoRA adapter directory without touching any model.
+
+    Only ``adapter_model.safetensors`` is read (a pickle-only ``adapter_model.bin`` is refused).
+    With ``base_model`` every tensor is checked against the module it targets.
+    """
+    from safetensors import safe_open
+
+    path = Path(adapter_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"adapter directory {str(path)!r} does not exist")
+    cfg_path, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not weights.exists():
+        if (path / "adapter_model.bin").exists():
+            raise ValueError(
+                f"{path}: only a pickle adapter (adapter_model.bin) is present; slora loads "
+                "safetensors only, because unpickling can execute code. Convert it with "
+                "safetensors where you trust the file."
+            )
+        raise FileNotFoundError(f"{path}: {WEIGHTS_NAME} is missing")
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{path}: {CONFIG_NAME} is missing")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{cfg_path}: not valid JSON ({exc})") from exc
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{cfg_path}: expected a LoRA adapter (peft_type 'LORA')")
+    for field_name in ("r", "lora_alpha"):
+        value = config.get(field_name)
+        if not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"{cfg_path}: {field_name!r} must be a positive number, got {value!r}")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            keys = list(f.keys())
+            tensors = {k: f.get_tensor(k) for k in keys}
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types on corruption
+        raise ValueError(f"{weights}: corrupt or truncated safetensors file ({exc})") from exc
+    a, b, extra = {}, {}, {}
+    for key, value in tensors.items():
+        if not key.startswith(PREFIX):
+            raise ValueError(f"{weights}: tensor {key!r} does not start with {PREFIX!r}")
+        inner = key[len(PREFIX) :]
+        inner = re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", inner)  # ".default."
+        if inner.endswith(".lora_A.weight"):
+            a[inner[: -len(".lora_A.weight")]] = value
+        elif inner.endswith(".lora_B.weight"):
+            b[inner[: -len(".lora_B.weight")]] = value
+        else:
+            extra[inner] = value
+    if set(a) != set(b):
+        missing = sorted(set(a) ^ set(b))
+        raise ValueError(f"{weights}: lora_A/lora_B pairs incomplete for {', '.join(missing[:5])}")
+    if not a:
+        raise ValueError(f"{weights}: no lora_A/lora_B tensors found")
+    ranks, scales = {}, {}
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    for name in a:
+        if a[name].dim() != 2 or b[name].dim() != 2 or a[name].shape[0] != b[name].shape[1]:
+            raise ValueError(
+                f"{weights}: {name}: lora_A {tuple(a[name].shape)} and lora_B "
+                f"{tuple(b[name].shape)} are not [r, d_in] and [d_out, r] with one r"
+            )
+        r = int(a[name].shape[0])
+        expected_r = int(_pattern_value(rank_pattern, name, config["r"]))
+        if r != expected_r:
+            raise ValueError(f"{weights}: {name} has rank {r}, the config says {expected_r}")
+        alpha = float(_pattern_value(alpha_pattern, name, config["lora_alpha"]))
+        ranks[name] = r
+        scales[name] = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+    adapter = AdapterFile(config, a, b, ranks, scales, extra)
+    if base_model is not None:
+        check_against_model(adapter, base_model)
+    return adapter
+
+
+def check_against_model(adapter: AdapterFile, model: nn.Module) -> None:
+    """Every adapted module exists, is linear-like and has the adapter's shapes."""
+    modules = dict(model.named_modules())
+    for name in adapter.a:
+        module = modules.get(name)
+        if module is None or not is_linear_like(module):
+            raise ValueError(
+                f"adapter module {name!r} is not an nn.Linear/Conv1D of the base model "
+                f"({type(module).__name__ if module is not None else 'missing'})"
+            )
+        d_in, d_out = linear_dims(module)
+        if tuple(adapter.a[name].shape) != (adapter.ranks[name], d_in) or tuple(
+            adapter.b[name].shape
+        ) != (d_out, adapter.ranks[name]):
+            raise ValueError(
+                f"adapter {name}: lora_A {tuple(adapter.a[name].shape)} / lora_B "
+                f"{tuple(adapter.b[name].shape)} do not fit the base layer (d_in={d_in}, "
+                f"d_out={d_out})"
+            )
+    params = dict(model.named_parameters()) | dict(model.named_buffers())
+    for key, value in adapter.extra.items():
+        if key not in params or params[key].shape != value.shape:
+            raise ValueError(
+                f"adapter tensor {key!r} {tuple(value.shape)} matches no parameter of the base "
+                "model with that shape"
+            )
+
+
+def load_adapter(base_model: nn.Module, adapter_dir: str | Path) -> nn.Module:
+    """Patch ``base_model`` with a PEFT-format LoRA adapter (validated before any change)."""
+    adapter = read_adapter(adapter_dir, base_model)
+    saved = sorted({key.rsplit(".", 1)[0] for key in adapter.extra})
+    plan = plan_for_ranks(base_model, adapter.ranks)
+    patch(base_model, plan, modules_to_save=saved)
+    layers = lora_layers(base_model)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            layer.lora_A.weight.copy_(adapter.a[name])
+            layer.lora_B.weight.copy_(adapter.b[name])
+            layer.scale = adapter.scales[name]
+        params = dict(base_model.named_parameters()) | dict(base_model.named_buffers())
+        for key, value in adapter.extra.items():
+            params[key].copy_(value)
+    return base_model

@@ -1,0 +1,105 @@
+"""Which modules of a model get sensitivity statistics and adapters (one matching helper)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from torch import nn
+
+# Last name components that mark an output head / classifier (excluded by default), and
+# parents whose whole subtree is a head (RoBERTa's `classifier.dense`, BERT's MLM `cls.*`).
+HEAD_NAMES = frozenset(
+    {"lm_head", "classifier", "score", "qa_outputs", "cls", "head", "output_projection"}
+)
+
+
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except Exception:  # noqa: BLE001 - transformers is optional
+        return None
+    return Conv1D
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear or transformers' Conv1D (GPT-2's transposed linear)."""
+    conv1d = _conv1d_type()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of a linear-like module."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    d_in, d_out = module.weight.shape  # Conv1D stores [d_in, d_out]
+    return int(d_in), int(d_out)
+
+
+def _head_modules(model: nn.Module) -> set[int]:
+    heads: set[int] = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        try:
+            out = get_out()
+        except Exception:  # noqa: BLE001 - some models raise NotImplementedError
+            out = None
+        if out is not None:
+            heads.add(id(out))
+    return heads
+
+
+def _matches(pattern: str, name: str) -> bool:
+    if name == pattern or name.endswith("." + pattern):
+        return True
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return False
+
+
+def find_targets(
+    model: nn.Module, target_modules: Sequence[str] | str | None = None
+) -> dict[str, nn.Module]:
+    """Linear-like modules to analyse/patch, by name, in model order.
+
+    ``None`` selects every nn.Linear / Conv1D except output heads and classifiers.  Otherwise
+    each entry is an exact name, a suffix (``"query"`` matches ``…attention.self.query``) or a
+    regular expression matched against the full name; every entry must match at least one
+    linear-like module.
+    """
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    linears = {name: mod for name, mod in model.named_modules() if name and is_linear_like(mod)}
+    if target_modules is None:
+        heads = _head_modules(model)
+        found = {
+            name: mod
+            for name, mod in linears.items()
+            if id(mod) not in heads and not (set(name.split(".")) & HEAD_NAMES)
+        }
+        if not found:
+            raise ValueError(
+                f"no target module found: {type(model).__name__} has no nn.Linear or Conv1D "
+                "outside its output head; pass target_modules= explicitly"
+            )
+        return found
+    patterns = list(target_modules)
+    if not patterns:
+        raise ValueError("target_modules is an empty list; expected names, suffixes or regexes")
+    found: dict[str, nn.Module] = {}
+    for pattern in patterns:
+        hits = [name for name in linears if _matches(pattern, name)]
+        if not hits:
+            others = [n for n, _ in model.named_modules() if n and _matches(pattern, n)]
+            detail = (
+                f"it matches only non-linear modules ({', '.join(others[:3])})"
+                if others
+                else "it matches no module name"
+            )
+            raise ValueError(
+                f"target_modules pattern {pattern!r} matches no nn.Linear/Conv1D module: {detail}. "
+                f"Linear modules look like: {', '.join(list(linears)[:4])}"
+            )
+        found.update((name, linears[name]) for name in hits)
+    return {name: found[name] for name in linears if name in found}
