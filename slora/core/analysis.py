@@ -267,6 +267,10 @@ def analyze(
                 c.commit_batch()
             used += 1
             num_tokens += real_tokens if real_tokens > 0 else 0
+    counts = torch.tensor([num_tokens, used, skipped, empty], dtype=torch.float64)
+    if _distributed():
+        _all_reduce_stats(calib, counts, device)
+        num_tokens, used, skipped, empty = (int(v) for v in counts.tolist())
     if used == 0:
         reason = (
             f"{skipped} batch(es) had non-finite values and {empty} were all padding"
@@ -278,6 +282,34 @@ def analyze(
     if num_tokens == 0:
         num_tokens = max(s.tokens for s in stats.values())
     return build_report(estimator, num_tokens, stats, topk_frac=topk_frac, alpha=alpha)
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce_stats(calib: _Calibration, counts: Tensor, device: torch.device) -> None:
+    """Sum every rank's statistics and counts (one flat all-reduce), so each rank's report is
+    the report of the union of all ranks' calibration data."""
+    import torch.distributed as dist
+
+    parts = []
+    for c in calib.collectors.values():
+        parts += c.buffers(c.total)
+        parts.append(torch.tensor([float(c.total.tokens)], device=device))
+    parts.append(counts.to(device=device, dtype=torch.float32))
+    flat = torch.cat([p.reshape(-1).to(device=device, dtype=torch.float64) for p in parts])
+    dist.all_reduce(flat)
+    offset = 0
+    for c in calib.collectors.values():
+        for buf in c.buffers(c.total):
+            buf.copy_(flat[offset : offset + buf.numel()].view_as(buf))
+            offset += buf.numel()
+        c.total.tokens = int(flat[offset])
+        offset += 1
+    counts.copy_(flat[offset : offset + counts.numel()].cpu())
 
 
 def build_report(
