@@ -11,7 +11,7 @@ subprocess; peak RSS growth over the state right before the pass (VmHWM reset th
 /proc/self/clear_refs after malloc_trim, glibc's mmap threshold fixed so freed tensors leave
 RSS), so model loading does not count.
 
-    python benchmarks/sensitivity_pass.py [--estimator fisher] [--repeats 5] [--out benchmarks/results]
+    python benchmarks/sensitivity_pass.py [--estimator fisher] [--repeats 5] [--out DIR]
 """
 
 from __future__ import annotations
@@ -43,8 +43,13 @@ def _setup(num_batches: int, batch_size: int, seq: int):
     batches = []
     for b in range(num_batches):
         idx = train[b * batch_size : (b + 1) * batch_size]
-        enc = tok([data.text[i] for i in idx], padding="max_length", truncation=True,
-                  max_length=seq, return_tensors="pt")  # fmt: skip
+        enc = tok(
+            [data.text[i] for i in idx],
+            padding="max_length",
+            truncation=True,
+            max_length=seq,
+            return_tensors="pt",
+        )
         enc = dict(enc)
         enc["labels"] = torch.tensor([data.label[i] for i in idx])
         batches.append(enc)
@@ -140,9 +145,20 @@ def main(argv: list[str] | None = None) -> int:
             times[name].append(time.perf_counter() - t0)
     memory = {}
     for name in METHODS:
-        cmd = [sys.executable, __file__, "--memory-child", name, "--estimator", args.estimator,
-               "--batches", str(args.batches), "--batch-size", str(args.batch_size),
-               "--seq", str(args.seq)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            __file__,
+            "--memory-child",
+            name,
+            "--estimator",
+            args.estimator,
+            "--batches",
+            str(args.batches),
+            "--batch-size",
+            str(args.batch_size),
+            "--seq",
+            str(args.seq),
+        ]
         # A fixed mmap threshold makes glibc return every large tensor to the OS when freed,
         # so peak RSS tracks live tensors rather than heap fragmentation.
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
@@ -162,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         "peak_extra_mib_over_start": memory,
         "time_ratio_slora_over_plain": med["slora"] / med["plain"],
         "time_ratio_naive_over_plain": med["naive"] / med["plain"],
-        "extra_memory_slora_over_naive": extra["slora"] / extra["naive"] if extra["naive"] else None,
+        "extra_memory_slora_over_naive": extra["slora"] / extra["naive"]
+        if extra["naive"]
+        else None,
     }
     lines = [
         f"Sensitivity pass, MiniLM-L6, {args.batches}×{args.batch_size}×{args.seq} tokens, "
@@ -170,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{'method':8} {'time s (median)':>16} {'× plain':>8} {'peak MiB over start':>20}",
     ]
     for name in METHODS:
-        lines.append(f"{name:8} {med[name]:16.3f} {med[name] / med['plain']:8.3f} "
-                     f"{memory[name]:20.1f}")  # fmt: skip
+        lines.append(
+            f"{name:8} {med[name]:16.3f} {med[name] / med['plain']:8.3f} {memory[name]:20.1f}"
+        )
     lines.append(
         f"extra memory over plain: slora {extra['slora']:.1f} MiB, naive {extra['naive']:.1f} MiB "
         f"-> ratio {result['extra_memory_slora_over_naive']:.3f}"
@@ -182,8 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"sensitivity_pass_{args.estimator}_cpu"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    (out / f"{stem}.md").write_text(f"```\n{text}\n```\n\nCommand: `python benchmarks/"
-                                    f"sensitivity_pass.py --estimator {args.estimator}`\n")  # fmt: skip
+    (out / f"{stem}.md").write_text(
+        f"```\n{text}\n```\n\nCommand: `python benchmarks/"
+        f"sensitivity_pass.py --estimator {args.estimator}`\n"
+    )
     return 0
 
 

@@ -11,10 +11,12 @@ from slora.core.allocation import RankPlan, allocate
 from slora.core.analysis import analyze
 from slora.core.patch import merge, patch, unpatch
 from slora.core.peft_io import load_adapter, save_adapter
+from slora.core.pool import AdapterPool
 from slora.core.report import SensitivityReport
 
 __version__ = "0.1.0"
 __all__ = [
+    "AdapterPool",
     "RankPlan",
     "SensitivityReport",
     "allocate",

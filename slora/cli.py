@@ -18,7 +18,8 @@ def _analyze(args: argparse.Namespace) -> int:
     print(report.table(plan.ranks))
     print(
         f"\n{len(plan.ranks)} matrices, total rank {plan.total_rank}, "
-        f"{plan.trainable_params:,} LoRA parameters (avg_rank={args.avg_rank}, budget={args.budget})"
+        f"{plan.trainable_params:,} LoRA parameters "
+        f"(avg_rank={args.avg_rank}, budget={args.budget})"
     )
     if args.out:
         out = Path(args.out)
@@ -42,13 +43,39 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    try:
-        from slora import demo
-    except ImportError:
-        demo = None
-    if demo is None:
-        return _analyze(args)
+    from slora import demo
+
     return demo.main(args)
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``slora demo`` options (see slora/demo.py for the recipe)."""
+    parser.add_argument("--out", default="slora-demo", help="output directory")
+    parser.add_argument("--seeds", type=int, default=None, help="paired seeds (3; 5 with --full)")
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="add PEFT AdaLoRA and EVA, 5 seeds, and a learning-rate sweep per method",
+    )
+    parser.add_argument(
+        "--lr", type=float, default=None, help="LoRA learning rate (5e-4; head 10×)"
+    )
+    parser.add_argument("--lrs", default=None, help="--full sweep, comma separated")
+    parser.add_argument(
+        "--estimator", default=None, choices=["activation", "fisher", "fisher_exact"]
+    )
+    parser.add_argument(
+        "--methods", default=None, help="subset, comma separated: uniform,sensitivity,adalora,eva"
+    )
+    parser.add_argument(
+        "--calib-head-epochs",
+        type=int,
+        default=0,
+        help="train the fresh head alone for N epochs of the calibration data before calibrating",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--smoke", action="store_true", help="a tiny run that checks the pipeline")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-length", type=int, default=64)
         p.add_argument("--out", default="slora-out")
     an.set_defaults(func=_analyze)
+    demo = sub.add_parser("demo", help="Sensitivity-LoRA vs uniform LoRA on the embedded default")
+    _demo_arguments(demo)
+    demo.set_defaults(func=_demo)
     bench = sub.add_parser("bench", help="kernel benchmark table for this machine")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_bench)
@@ -73,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # every option after "bench" belongs to slora.bench
+        return _bench(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

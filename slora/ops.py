@@ -23,13 +23,23 @@ BACKENDS = ("triton", "cpp", "torch")
 
 _IMPLEMENTATIONS: dict[str, dict[str, str]] = {
     "input_stats": {
+        "triton": "slora.kernels.sensitivity_stats:accumulate_input_stats_triton",
+        "cpp": "slora.kernels.native_ops:accumulate_input_stats_cpp",
         "torch": "slora.kernels.sensitivity_stats:accumulate_input_stats_torch",
     },
     "grad_stats": {
+        "triton": "slora.kernels.sensitivity_stats:accumulate_grad_stats_triton",
+        "cpp": "slora.kernels.native_ops:accumulate_grad_stats_cpp",
         "torch": "slora.kernels.sensitivity_stats:accumulate_grad_stats_torch",
     },
     "fisher_exact": {
+        "triton": "slora.kernels.sensitivity_stats:accumulate_fisher_exact_triton",
         "torch": "slora.kernels.sensitivity_stats:accumulate_fisher_exact_torch",
+    },
+    "multi_lora": {
+        "triton": "slora.kernels.multi_lora:multi_lora_triton",
+        "cpp": "slora.kernels.native_ops:multi_lora_cpp",
+        "torch": "slora.kernels.multi_lora:multi_lora_torch",
     },
 }
 
@@ -119,3 +129,117 @@ def accumulate_fisher_exact(
 ) -> None:
     """``diag += (dy∘dy)ᵀ(x∘x)`` over unmasked rows (``diag`` may live on another device)."""
     implementation("fisher_exact", dy.device, backend)(dy, x, row_mask, diag)
+
+
+# --------------------------------------------------------------------------------------------
+# Grouped heterogeneous-rank LoRA (SPEC §4); see slora/kernels/multi_lora.py for the layout.
+
+from slora.kernels.multi_lora import PackedAdapters  # noqa: E402
+
+
+def multi_lora(
+    x: Tensor,
+    token_slots: Tensor | None,
+    packed: PackedAdapters,
+    *,
+    seg_indptr: Tensor | None = None,
+    seg_slots: Tensor | None = None,
+    out: Tensor | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """``y_t += scale · B_slot(t) (A_slot(t) x_t)`` for every token, all adapters in one launch.
+
+    ``x`` is ``[T, d_in]``; slots come per token (``token_slots`` [T], −1 = none, any order)
+    or per prefill segment (``seg_indptr`` [G+1], ``seg_slots`` [G], with ``token_slots=None``).
+    Returns ``out`` (``[T, Σ slice d_out]``, updated in place) or a new delta tensor.  Carries
+    gradients for x, ``packed.A`` and ``packed.Bt`` when they require them.
+    """
+    from slora.kernels import multi_lora as ml
+
+    if not isinstance(packed, PackedAdapters):
+        raise TypeError(f"packed must be a PackedAdapters, got {type(packed).__name__}")
+    if x.dim() != 2 or x.shape[1] != packed.d_in:
+        raise ValueError(f"x must be [tokens, {packed.d_in}], got {tuple(x.shape)}")
+    if x.dtype != packed.dtype:
+        raise ValueError(f"x has dtype {x.dtype} but the adapters are {packed.dtype}")
+    if x.device != packed.A.device:
+        raise ValueError(f"x is on {x.device} but the adapters are on {packed.A.device}")
+    T = x.shape[0]
+    for name, t in (
+        ("token_slots", token_slots),
+        ("seg_indptr", seg_indptr),
+        ("seg_slots", seg_slots),
+    ):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if seg_indptr is not None or seg_slots is not None:
+        if token_slots is not None:
+            raise ValueError("pass either token_slots or seg_indptr/seg_slots, not both")
+        if seg_indptr is None or seg_slots is None:
+            raise ValueError("seg_indptr and seg_slots must be given together")
+        meta = ml.build_segment_meta(seg_indptr, seg_slots, T, packed.max_slots)
+    elif token_slots is None:
+        raise ValueError("token_slots is required unless seg_indptr/seg_slots are given")
+    else:
+        if token_slots.dim() != 1 or token_slots.shape[0] != T:
+            raise ValueError(
+                f"token_slots must be 1-D with one slot per token ({T}), "
+                f"got shape {tuple(token_slots.shape)}"
+            )
+        meta = ml.build_token_meta(token_slots, packed.max_slots)
+    if out is not None:
+        if out.shape != (T, packed.d_out) or out.dtype not in (x.dtype, torch.float32):
+            raise ValueError(
+                f"out must be [{T}, {packed.d_out}] of dtype {x.dtype} or float32, "
+                f"got {out.dtype} {tuple(out.shape)}"
+            )
+        if out.device != x.device:
+            raise ValueError(f"out is on {out.device}, x on {x.device}")
+    fn = implementation("multi_lora", x.device, backend)
+    if torch.is_grad_enabled() and (
+        x.requires_grad or packed.A.requires_grad or packed.Bt.requires_grad
+    ):
+        delta = ml.multi_lora_autograd(x, meta, packed, fn)
+        return delta if out is None else out.add_(delta)
+    if out is None:  # the backend writes every element: no zero-fill pass
+        out = torch.empty(T, packed.d_out, dtype=x.dtype, device=x.device)
+        return fn(x, meta, packed, out, overwrite=True)
+    return fn(x, meta, packed, out)
+
+
+def lora_slices(
+    x: Tensor,
+    As: list[Tensor] | tuple[Tensor, ...],
+    Bs: list[Tensor] | tuple[Tensor, ...],
+    scales: list[float] | tuple[float, ...],
+    backend: str | None = None,
+) -> Tensor:
+    """The LoRA branches of modules sharing one input (q/k/v, gate/up) in one grouped call.
+
+    ``x`` is ``[..., d_in]``; slice s has ``A_s`` [r_s, d_in] and ``B_s`` [d_out_s, r_s]
+    (r_s may differ, may be 0).  Returns ``[..., Σ d_out_s]`` with gradients for x, A_s, B_s.
+    """
+    from slora.kernels import multi_lora as ml
+
+    if not (len(As) == len(Bs) == len(scales)) or not As:
+        raise ValueError(
+            f"As, Bs and scales must be non-empty and of equal length, "
+            f"got {len(As)}, {len(Bs)}, {len(scales)}"
+        )
+    d_in = x.shape[-1]
+    for s, (A, B) in enumerate(zip(As, Bs)):
+        if A.dim() != 2 or A.shape[1] != d_in or B.dim() != 2 or B.shape[1] != A.shape[0]:
+            raise ValueError(
+                f"slice {s}: expected A [r, {d_in}] and B [d_out, r], "
+                f"got A {tuple(A.shape)} and B {tuple(B.shape)}"
+            )
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, d_in)
+    name = resolve_backend(x.device, backend)
+    if name == "torch" or any(w.dtype != x.dtype for w in (*As, *Bs)):
+        fn = ml.lora_slices_torch
+    else:
+        fn = ml.lora_slices_with(implementation("multi_lora", x.device, name))
+
+    y = ml.LoRASlicesFunction.apply(x2, tuple(float(s) for s in scales), fn, *As, *Bs)
+    return y.reshape(*lead, y.shape[-1])

@@ -13,10 +13,17 @@ from slora import RankPlan, SensitivityReport
 def make_report(scores, dims=None):
     dims = dims or [(64, 64)] * len(scores)
     modules = {
-        f"layer{i:02d}.proj": {"d_in": d[0], "d_out": d[1], "global": s, "topk": s,
-                               "effrank": 1, "local": s, "score": s}
+        f"layer{i:02d}.proj": {
+            "d_in": d[0],
+            "d_out": d[1],
+            "global": s,
+            "topk": s,
+            "effrank": 1,
+            "local": s,
+            "score": s,
+        }
         for i, (s, d) in enumerate(zip(scores, dims))
-    }  # fmt: skip
+    }
     return SensitivityReport("fisher", 100, modules)
 
 

@@ -22,14 +22,14 @@ def reference_report(model, data, estimator, names):
         mask = batch["attention_mask"].bool()
         outs = {}
 
-        def hook(name):
-            def fn(mod, args, out):
+        def hook(name, mask=mask, outs=outs):
+            def fn(mod, args, output):
                 x = args[0].detach()
                 lead = x.shape[:-1]
                 keep = mask if lead == mask.shape else torch.ones(lead, dtype=torch.bool)
                 xs[name].append(x[keep])
-                out.retain_grad()
-                outs[name] = (out, keep)
+                output.retain_grad()
+                outs[name] = (output, keep)
 
             return fn
 
@@ -136,8 +136,9 @@ def test_non_finite_batch_is_skipped_and_result_equals_clean_run():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(ValueError, match="no usable calibration batch"):
-            slora.analyze(model, [dict(d, poison=True) for d in data], loss_fn=loss_fn,
-                          progress=False)  # fmt: skip
+            slora.analyze(
+                model, [dict(d, poison=True) for d in data], loss_fn=loss_fn, progress=False
+            )
 
 
 def test_report_json_round_trip(tmp_path):
@@ -147,8 +148,14 @@ def test_report_json_round_trip(tmp_path):
     assert again.to_dict() == report.to_dict()
     assert set(report.to_dict()) == {"estimator", "num_tokens", "modules"}
     assert set(next(iter(report.to_dict()["modules"].values()))) == {
-        "d_in", "d_out", "global", "topk", "effrank", "local", "score"
-    }  # fmt: skip
+        "d_in",
+        "d_out",
+        "global",
+        "topk",
+        "effrank",
+        "local",
+        "score",
+    }
     table = report.table()
     assert all(n in table for n in report.modules)
 

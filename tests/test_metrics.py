@@ -86,8 +86,10 @@ def test_matrix_metrics_match_token_level_reference(estimator):
 
 
 def test_combine_matches_numpy_and_handles_degenerate_metrics():
-    ms = {f"m{i}": {"global": float(g), "topk": float(t), "effrank": int(e)}
-          for i, (g, t, e) in enumerate(zip(np.random.rand(5), np.random.rand(5), [3, 9, 4, 4, 7]))}  # fmt: skip
+    ms = {
+        f"m{i}": {"global": float(g), "topk": float(t), "effrank": int(e)}
+        for i, (g, t, e) in enumerate(zip(np.random.rand(5), np.random.rand(5), [3, 9, 4, 4, 7]))
+    }
     got = combine(ms)
     want = ref_combine(ms)
     for n in ms:

@@ -39,7 +39,7 @@ def test_half_precision_model_with_overflowing_squares(dtype, estimator):
     for batch in half_data:
         outs = {}
 
-        def capture(name):
+        def capture(name, outs=outs):
             def hook(mod, args, out):
                 xs[name].append(args[0].detach().reshape(-1, args[0].shape[-1]))
                 out.retain_grad()

@@ -68,11 +68,13 @@ def test_patch_train_save_and_peft_load_reproduce_outputs(kind, tmp_path):
         assert tensors[f"base_model.model.{n}.lora_B.weight"].shape[1] == r
 
     peft_model = PeftModel.from_pretrained(MODELS[kind](), tmp_path).eval()
-    torch.testing.assert_close(logits(peft_model, data[1]), logits(model, data[1]), rtol=1e-5,
-                               atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        logits(peft_model, data[1]), logits(model, data[1]), rtol=1e-5, atol=1e-5
+    )
     loaded = slora.load_adapter(MODELS[kind](), tmp_path).eval()
-    torch.testing.assert_close(logits(loaded, data[2]), logits(model, data[2]), rtol=1e-5,
-                               atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        logits(loaded, data[2]), logits(model, data[2]), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_one_global_scale_reproduces_outputs_like_vllm(tmp_path):
@@ -108,8 +110,7 @@ def test_unfolded_scales_and_rslora_round_trip_through_peft(tmp_path, use_rslora
     slora.save_adapter(model, tmp_path, fold_scale=False)
     peft_model = PeftModel.from_pretrained(MODELS["bert"](), tmp_path).eval()
     data = batches("bert")[0]
-    torch.testing.assert_close(logits(peft_model, data), logits(model, data), rtol=1e-5,
-                               atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(logits(peft_model, data), logits(model, data), rtol=1e-5, atol=1e-5)
 
 
 def test_merge_and_unpatch():
@@ -160,8 +161,15 @@ def test_trainer_trains_a_patched_model(tmp_path):
             return {k: v[i % 4] for k, v in b.items()}
 
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4,
-                             learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no")  # fmt: skip
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+    )
     Trainer(model=model, args=args, train_dataset=Rows()).train()
     after = dict(model.named_parameters())
     assert all(not torch.equal(before[n], after[n]) for n in before)
@@ -234,3 +242,65 @@ def test_load_errors_leave_the_model_untouched(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         slora.load_adapter(target, tmp_path / "missing")
     untouched()
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_grouped_qkv_training_matches_the_plain_path(kind):
+    """q/k/v (gate/up) LoRA branches in one grouped call give the same losses and gradients."""
+    from slora.core.layer import LoraGroup
+
+    data = batches(kind)
+    runs = {}
+    for grouped in (False, True):
+        model, plan = plan_for(kind)
+        torch.manual_seed(3)
+        slora.patch(model, plan, group_shared_inputs=grouped)
+        groups = {
+            id(m.group): m.group for m in model.modules() if isinstance(m, LoraLinear) and m.group
+        }
+        with torch.no_grad():  # non-zero B so that every gradient path is exercised
+            for m in model.modules():
+                if isinstance(m, LoraLinear):
+                    m.lora_B.weight.normal_(0, 0.1)
+        _, losses = train_steps(model, data, steps=5)
+        runs[grouped] = (losses, groups)
+    plain, grouped = runs[False][0], runs[True][0]
+    assert plain == pytest.approx(grouped, rel=1e-5, abs=1e-6)
+    groups: dict[int, LoraGroup] = runs[True][1]
+    assert groups and all(g.enabled and g.grouped_calls > 0 for g in groups.values())
+    assert not runs[False][1]
+
+
+def test_group_switches_itself_off_when_inputs_differ():
+    from torch import nn
+
+    from slora.core.layer import LoraGroup
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj = nn.Linear(6, 4), nn.Linear(6, 4)
+
+        def forward(self, x):
+            return self.q_proj(x) + self.k_proj(x * 2)  # different inputs
+
+    model = Attn()
+    x = torch.randn(3, 6)
+    plan = slora.RankPlan({"q_proj": 2, "k_proj": 3})
+    slora.patch(model, plan)
+    for m in (model.q_proj, model.k_proj):
+        nn.init.normal_(m.lora_B.weight)
+    want = (
+        model.q_proj.base_layer(x)
+        + model.k_proj.base_layer(2 * x)
+        + (
+            model.q_proj.scale * x @ model.q_proj.lora_A.weight.T @ model.q_proj.lora_B.weight.T
+            + model.k_proj.scale
+            * (2 * x)
+            @ model.k_proj.lora_A.weight.T
+            @ model.k_proj.lora_B.weight.T
+        )
+    )
+    for _ in range(2):
+        torch.testing.assert_close(model(x), want)
+    assert isinstance(model.q_proj.group, LoraGroup) and not model.q_proj.group.enabled

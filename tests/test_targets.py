@@ -19,9 +19,12 @@ def test_default_targets_exclude_heads():
 def test_names_suffixes_and_regexes():
     model = MODELS["llama"]()
     assert list(find_targets(model, ["q_proj"])) == [
-        "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]  # fmt: skip
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.self_attn.q_proj",
+    ]
     assert list(find_targets(model, ["model.layers.1.mlp.up_proj"])) == [
-        "model.layers.1.mlp.up_proj"]  # fmt: skip
+        "model.layers.1.mlp.up_proj"
+    ]
     assert len(find_targets(model, [r".*\.(gate|up)_proj"])) == 4
     assert list(find_targets(model, "lm_head")) == ["lm_head"]  # explicit names win
 

@@ -12,7 +12,18 @@ import math
 import torch
 from torch import Tensor, nn
 
+from slora import ops
 from slora.core.targets import is_linear_like, linear_dims
+
+# Sibling modules that read the same input in common architectures (q/k/v, gate/up): their
+# LoRA branches are computed together by one grouped call (see LoraGroup).
+SHARED_INPUT_SETS = (
+    frozenset({"q_proj", "k_proj", "v_proj"}),
+    frozenset({"query", "key", "value"}),
+    frozenset({"gate_proj", "up_proj"}),
+    frozenset({"wq", "wk", "wv"}),
+    frozenset({"w1", "w3"}),
+)
 
 
 class LoraLinear(nn.Module):
@@ -36,6 +47,7 @@ class LoraLinear(nn.Module):
         self.lora_B = nn.Linear(rank, self.d_out, bias=False, **factory)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.group: LoraGroup | None = None
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -74,8 +86,84 @@ class LoraLinear(nn.Module):
         y = self.base_layer(x)
         if self.merged:
             return y
-        h = self.lora_dropout(x).to(self.lora_A.weight.dtype)
-        return y + (self.lora_B(self.lora_A(h)) * self.scale).to(y.dtype)
+        delta = self.group.delta_for(self, x) if self.group is not None else None
+        if delta is None:
+            h = self.lora_dropout(x).to(self.lora_A.weight.dtype)
+            delta = self.lora_B(self.lora_A(h)) * self.scale
+        return y + delta.to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale:g}, merged={self.merged}"
+
+
+class LoraGroup:
+    """LoRA layers whose base modules read the same input tensor (q/k/v, gate/up).
+
+    The first member called with an input x computes every member's LoRA branch in one
+    grouped call (``slora.ops.lora_slices``: one launch, gradients for x, A and B); the other
+    members, called next with the *same tensor object*, take their column slice.  If a member
+    ever sees a different input while slices are pending, the members do not share their input
+    after all and the group switches itself off (each layer computes its own branch again).
+    """
+
+    def __init__(self, members: list[LoraLinear]):
+        self.members = list(members)
+        self.offsets: dict[int, tuple[int, int]] = {}
+        start = 0
+        for m in self.members:
+            self.offsets[id(m)] = (start, start + m.d_out)
+            start += m.d_out
+            m.group = self
+        self.enabled = True
+        self.grouped_calls = 0
+        self._input: Tensor | None = None
+        self._delta: Tensor | None = None
+        self._pending: set[int] = set()
+
+    def _release(self) -> None:
+        self._input, self._delta, self._pending = None, None, set()
+
+    def delta_for(self, layer: LoraLinear, x: Tensor) -> Tensor | None:
+        """This layer's scaled LoRA output for x, or None to let the layer compute it."""
+        if not self.enabled:
+            return None
+        if self._pending:
+            if x is self._input and id(layer) in self._pending:
+                self._pending.discard(id(layer))
+                lo, hi = self.offsets[id(layer)]
+                delta = self._delta[..., lo:hi]
+                if not self._pending:
+                    self._release()
+                return delta
+            self.enabled = False  # inputs are not shared: stop grouping
+            self._release()
+            return None
+        dtype = layer.lora_A.weight.dtype
+        full = ops.lora_slices(
+            x.to(dtype),
+            [m.lora_A.weight for m in self.members],
+            [m.lora_B.weight for m in self.members],
+            [m.scale for m in self.members],
+        )
+        self.grouped_calls += 1
+        self._input, self._delta = x, full
+        self._pending = {id(m) for m in self.members} - {id(layer)}
+        lo, hi = self.offsets[id(layer)]
+        return full[..., lo:hi]
+
+
+def group_shared_inputs(layers: dict[str, LoraLinear]) -> list[LoraGroup]:
+    """Group sibling LoRA layers named like q/k/v or gate/up (same parent, same d_in, no
+    dropout, not merged); see :class:`LoraGroup`."""
+    by_parent: dict[tuple[str, int], dict[str, LoraLinear]] = {}
+    for name, layer in layers.items():
+        parent, _, child = name.rpartition(".")
+        if isinstance(layer.lora_dropout, nn.Identity):
+            by_parent.setdefault((parent, layer.d_in), {})[child] = layer
+    groups = []
+    for children in by_parent.values():
+        for names in SHARED_INPUT_SETS:
+            members = [children[c] for c in sorted(names) if c in children]
+            if len(members) > 1:
+                groups.append(LoraGroup(members))
+    return groups

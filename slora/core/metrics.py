@@ -38,7 +38,7 @@ class MatrixStats:
 def matrix_metrics(
     estimator: str, stats: MatrixStats, topk_frac: float = 0.5, alpha: float = 0.85
 ) -> dict[str, float]:
-    """global (trace), topk (mean of the ⌈m·topk_frac⌉ largest entries) and effrank of one matrix."""
+    """global (trace), topk (mean of the ⌈m·topk_frac⌉ largest entries), effrank of a matrix."""
     n = max(stats.tokens, 1)
     m = stats.d_in * stats.d_out
     k = max(1, math.ceil(m * topk_frac))

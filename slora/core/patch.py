@@ -20,6 +20,7 @@ from torch import nn
 from slora.core.allocation import RankPlan, allocate
 from slora.core.analysis import analyze
 from slora.core.layer import LoraLinear
+from slora.core.layer import group_shared_inputs as make_lora_groups
 from slora.core.targets import is_linear_like, linear_dims
 
 STATE_ATTR = "_slora_state"
@@ -103,6 +104,7 @@ def patch(
     lora_dropout: float = 0.0,
     use_rslora: bool = False,
     modules_to_save: Sequence[str] | None = None,
+    group_shared_inputs: bool = True,
     target_modules: Sequence[str] | str | None = None,
     estimator: str = "fisher",
     **allocate_kwargs: Any,
@@ -147,9 +149,12 @@ def patch(
             )
     for name in saved:
         model.get_submodule(name).requires_grad_(True)
-    for layer in lora_layers(model).values():
+    layers = lora_layers(model)
+    for layer in layers.values():
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)
+    if group_shared_inputs:
+        make_lora_groups(layers)
     setattr(model, STATE_ATTR, state)
     return model
 

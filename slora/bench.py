@@ -1,0 +1,282 @@
+"""``slora bench``: the grouped heterogeneous-rank LoRA kernels against their baselines.
+
+Shapes follow ANCHORS.md, scaled to the machine: on the CPU d = 2048, 16 adapters with ranks
+{8, 16, 32, 64}, decode T = 64 (each token its own slot) and prefill T = 1024 in 8 segments,
+fp32; on CUDA d = 4096, the same rank mix, decode T = 64 and prefill T = 8192, bf16.
+Baselines, timed in the same run: (a) a loop over adapters (PEFT's mixed batch), (b) weights
+gathered per token, padded to the largest rank (vLLM's PyTorch reference).  On CUDA also the
+memory-bandwidth floor at true ranks and the same Triton kernel on adapters padded to the
+largest rank.  Prints a table and writes a PNG (matplotlib, Agg).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from slora.kernels.multi_lora import PackedAdapters
+
+RANKS = (8, 16, 32, 64)
+
+
+@dataclass
+class Case:
+    """One benchmark problem: inputs in every form the contenders need."""
+
+    name: str
+    x: Tensor
+    token_slots: Tensor
+    seg_indptr: Tensor | None
+    seg_slots: Tensor | None
+    adapters: list[tuple[Tensor, Tensor, float]]
+    packed: PackedAdapters
+
+
+def make_adapters(
+    n: int, d_in: int, d_out: int, ranks: Sequence[int], dtype: torch.dtype, device: str
+) -> list[tuple[Tensor, Tensor, float]]:
+    """``n`` random adapters cycling through ``ranks`` (scale 2/r as with alpha = 2r)."""
+    out = []
+    for k in range(n):
+        r = ranks[k % len(ranks)]
+        A = (torch.randn(r, d_in, device=device) / d_in**0.5).to(dtype)
+        B = (torch.randn(d_out, r, device=device) / r**0.5).to(dtype)
+        out.append((A, B, 2.0 / r))
+    return out
+
+
+def decode_case(
+    T: int = 64,
+    d: int = 2048,
+    n_adapters: int = 16,
+    ranks: Sequence[int] = RANKS,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> Case:
+    """Decode: one token per request, requests spread evenly over the adapters, shuffled."""
+    adapters = make_adapters(n_adapters, d, d, ranks, dtype, device)
+    slots = torch.arange(T, device=device) % n_adapters
+    slots = slots[torch.randperm(T, device=device)]
+    x = torch.randn(T, d, device=device).to(dtype)
+    packed = PackedAdapters.from_list(adapters)
+    return Case(f"decode T={T}", x, slots, None, None, adapters, packed)
+
+
+def prefill_case(
+    T: int = 1024,
+    d: int = 2048,
+    n_adapters: int = 16,
+    n_segments: int = 8,
+    ranks: Sequence[int] = RANKS,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> Case:
+    """Prefill: ``n_segments`` sequences of equal length, each with its own adapter."""
+    adapters = make_adapters(n_adapters, d, d, ranks, dtype, device)
+    seg_slots = torch.arange(n_segments, device=device) % n_adapters  # every rank appears
+    bounds = torch.linspace(0, T, n_segments + 1).round().long().to(device)
+    token_slots = torch.repeat_interleave(seg_slots, bounds.diff())
+    x = torch.randn(T, d, device=device).to(dtype)
+    packed = PackedAdapters.from_list(adapters)
+    return Case(f"prefill T={T}", x, token_slots, bounds, seg_slots, adapters, packed)
+
+
+# --- baselines -------------------------------------------------------------------------------
+
+
+def loop_baseline(x: Tensor, token_slots: Tensor, adapters: list) -> Tensor:
+    """PEFT's mixed-batch way: for each adapter present, gather its tokens, two linears,
+    scatter back."""
+    out = torch.zeros(x.shape[0], adapters[0][1].shape[0], dtype=x.dtype, device=x.device)
+    for k in torch.unique(token_slots).tolist():
+        if k < 0:
+            continue
+        A, B, scale = adapters[k]
+        idx = (token_slots == k).nonzero().squeeze(1)
+        y = torch.nn.functional.linear(torch.nn.functional.linear(x[idx], A), B) * scale
+        out.index_add_(0, idx, y)
+    return out
+
+
+def pad_adapters(adapters: list) -> tuple[Tensor, Tensor]:
+    """Stacked ``[K, R, d_in]`` / ``[K, d_out, R]`` weights padded to the largest rank R, the
+    scale folded into B (vLLM's layout)."""
+    R = max(a.shape[0] for a, _, _ in adapters)
+    A0, B0, _ = adapters[0]
+    Ap = torch.zeros(len(adapters), R, A0.shape[1], dtype=A0.dtype, device=A0.device)
+    Bp = torch.zeros(len(adapters), B0.shape[0], R, dtype=B0.dtype, device=B0.device)
+    for k, (A, B, s) in enumerate(adapters):
+        Ap[k, : A.shape[0]] = A
+        Bp[k, :, : A.shape[0]] = B * s
+    return Ap, Bp
+
+
+def padded_baseline(x: Tensor, token_slots: Tensor, Ap: Tensor, Bp: Tensor) -> Tensor:
+    """vLLM's PyTorch reference: gather each token's padded weights, batched mat-vecs."""
+    idx = token_slots.clamp(min=0)
+    h = torch.einsum("ti,tri->tr", x, Ap[idx])
+    y = torch.einsum("tr,tor->to", h, Bp[idx])
+    return y * (token_slots >= 0).to(y.dtype)[:, None]
+
+
+# --- timing ----------------------------------------------------------------------------------
+
+
+def time_fn(fn: Callable[[], object], *, min_time: float = 0.3, sync: bool = False) -> float:
+    """Median seconds of ``fn`` over repeated runs (after one warm-up)."""
+    fn()
+    samples: list[float] = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < min_time or len(samples) < 5:
+        if sync:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            torch.cuda.synchronize()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def contenders(case: Case, device: str) -> dict[str, Callable[[], object]]:
+    """Everything timed on one case, by name."""
+    from slora import ops
+
+    Ap, Bp = pad_adapters(case.adapters)
+    fns: dict[str, Callable[[], object]] = {
+        "loop (PEFT)": lambda: loop_baseline(case.x, case.token_slots, case.adapters),
+        "padded gather (vLLM ref)": lambda: padded_baseline(case.x, case.token_slots, Ap, Bp),
+    }
+    seg = dict(seg_indptr=case.seg_indptr, seg_slots=case.seg_slots)
+    slots = None if case.seg_indptr is not None else case.token_slots
+    backends = ["triton"] if device == "cuda" else ["cpp", "torch"]
+    for be in backends:
+        try:
+            ops.resolve_backend(device, be)
+        except RuntimeError:
+            continue
+        fns[f"slora {be}"] = lambda be=be: ops.multi_lora(
+            case.x, slots, case.packed, **seg, backend=be
+        )
+    if device == "cuda":
+        padded = case.packed.padded()
+        fns["slora triton, padded to max rank"] = lambda: ops.multi_lora(
+            case.x, slots, padded, **seg, backend="triton"
+        )
+    return fns
+
+
+def floor_seconds(case: Case, bandwidth: float) -> float:
+    """Bytes of the active adapters at true ranks + x read + y read/written, over bandwidth."""
+    active = torch.unique(case.token_slots[case.token_slots >= 0]).tolist()
+    el = case.x.element_size()
+    weights = sum(case.adapters[k][0].numel() + case.adapters[k][1].numel() for k in active)
+    io = case.x.numel() + 2 * case.x.shape[0] * case.packed.d_out
+    return (weights + io) * el / bandwidth
+
+
+def run(cases: list[Case], device: str, min_time: float, bandwidth: float | None) -> list[dict]:
+    rows = []
+    for case in cases:
+        times = {
+            name: time_fn(fn, min_time=min_time, sync=device == "cuda")
+            for name, fn in contenders(case, device).items()
+        }
+        best_base = min(times["loop (PEFT)"], times["padded gather (vLLM ref)"])
+        for name, t in times.items():
+            row = {
+                "case": case.name,
+                "impl": name,
+                "ms": t * 1e3,
+                "vs_best_baseline": best_base / t,
+            }
+            if bandwidth:
+                row["floor_ms"] = floor_seconds(case, bandwidth) * 1e3
+            rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    has_floor = any("floor_ms" in r for r in rows)
+    head = f"{'case':<18}{'implementation':<36}{'ms':>10}{'speed-up vs best baseline':>28}"
+    print(head + (f"{'% of floor':>12}" if has_floor else ""))
+    for r in rows:
+        line = f"{r['case']:<18}{r['impl']:<36}{r['ms']:>10.3f}{r['vs_best_baseline']:>27.2f}x"
+        if has_floor:
+            line += f"{100 * r['floor_ms'] / r['ms']:>11.1f}%"
+        print(line)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    fig, axes = plt.subplots(1, len(cases), figsize=(6 * len(cases), 4), squeeze=False)
+    for ax, case in zip(axes[0], cases):
+        sub = [r for r in rows if r["case"] == case]
+        ax.barh([r["impl"] for r in sub], [r["ms"] for r in sub], color="tab:blue")
+        if "floor_ms" in sub[0]:
+            ax.axvline(sub[0]["floor_ms"], color="tab:red", ls="--", label="bandwidth floor")
+            ax.legend()
+        ax.set_xscale("log")
+        ax.set_xlabel("ms, log scale (lower is better)")
+        ax.set_title(case)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the kernel benchmark table for this machine and write a PNG plot."""
+    parser = argparse.ArgumentParser(prog="slora bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--min-time", type=float, default=0.5, help="seconds per measurement")
+    parser.add_argument("--out", default=None, help="directory for slora_bench.png / .json")
+    parser.add_argument("--plot", default=None, help="PNG path (default: OUT/slora_bench.png)")
+    parser.add_argument(
+        "--bandwidth", type=float, default=4.8e12, help="CUDA memory bandwidth, bytes/s (H200)"
+    )
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if args.device == "cuda":
+        dt, d, t_pre = torch.bfloat16, 4096, 8192
+    else:
+        dt, d, t_pre = torch.float32, 2048, 1024
+    cases = [
+        decode_case(64, d, dtype=dt, device=args.device),
+        prefill_case(t_pre, d, dtype=dt, device=args.device),
+    ]
+    print(
+        f"slora bench on {args.device} ({torch.get_num_threads()} CPU threads), {dt}, d={d}, "
+        f"16 adapters with ranks {RANKS}"
+    )
+    rows = run(cases, args.device, args.min_time, args.bandwidth if args.device == "cuda" else None)
+    print_table(rows)
+    out_dir = Path(args.out or ".")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_path = args.plot or str(out_dir / "slora_bench.png")
+    plot(rows, plot_path)
+    meta = {"device": args.device, "threads": torch.get_num_threads(), "dtype": str(dt), "d": d}
+    if args.device == "cuda":
+        meta["gpu"] = torch.cuda.get_device_name()
+    (out_dir / "slora_bench.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    print(f"plot written to {plot_path}, table to {out_dir / 'slora_bench.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

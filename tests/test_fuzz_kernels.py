@@ -1,0 +1,99 @@
+"""Property-based fuzzing of the grouped LoRA op on every backend against float64.
+
+Random slot counts, ranks (0 included, empty slots), widths, slices, token slots (−1
+included, any order), prefill segments (empty ones included) and dtypes.  CI runs
+``SLORA_FUZZ_EXAMPLES`` (default 100) cases per backend and form (200 per backend); raise it for a longer run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_multi_lora import BACKENDS, assert_close, make_adapters, reference
+
+from slora.ops import PackedAdapters, multi_lora
+
+EXAMPLES = int(os.environ.get("SLORA_FUZZ_EXAMPLES", "100"))  # × 2 forms per backend
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@st.composite
+def problems(draw):
+    n_slices = draw(st.integers(1, 3))
+    sizes = draw(st.lists(st.integers(1, 24), min_size=n_slices, max_size=n_slices))
+    d_in = draw(st.integers(1, 40))
+    n_slots = draw(st.integers(1, 6))
+    ranks = [
+        None
+        if draw(st.integers(0, 7)) == 0
+        else draw(st.lists(st.integers(0, 20), min_size=n_slices, max_size=n_slices))
+        for _ in range(n_slots)
+    ]
+    if all(r is None or not any(r) for r in ranks):
+        ranks[0] = [1] * n_slices
+    dtype = draw(st.sampled_from(DTYPES))
+    seed = draw(st.integers(0, 2**16))
+    return sizes, d_in, ranks, dtype, seed
+
+
+def _packed(sizes, d_in, ranks, dtype, seed):
+    adapters = make_adapters(ranks, d_in, sizes, dtype=dtype, seed=seed)
+    packed = PackedAdapters.from_list(adapters, d_out=sizes, dtype=dtype)
+    return adapters, packed
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@FUZZ
+@given(problem=problems(), data=st.data())
+def test_fuzz_token_slots(backend, problem, data):
+    sizes, d_in, ranks, dtype, seed = problem
+    adapters, packed = _packed(sizes, d_in, ranks, dtype, seed)
+    T = data.draw(st.integers(1, 33))
+    slots = torch.tensor(
+        data.draw(st.lists(st.integers(-1, len(ranks) - 1), min_size=T, max_size=T)),
+        dtype=torch.int32,
+    )
+    x = torch.randn(T, d_in, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    out = torch.full((T, sum(sizes)), float("nan"), dtype=dtype)
+    base = torch.randn(T, sum(sizes), dtype=torch.float64)
+    out.copy_(base.to(dtype))
+    multi_lora(x, slots, packed, out=out, backend=backend)
+    assert_close(out, reference(x, slots, adapters, sizes) + base.to(dtype).double(), dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@FUZZ
+@given(problem=problems(), data=st.data())
+def test_fuzz_segments(backend, problem, data):
+    sizes, d_in, ranks, dtype, seed = problem
+    adapters, packed = _packed(sizes, d_in, ranks, dtype, seed)
+    lengths = data.draw(st.lists(st.integers(0, 9), min_size=1, max_size=6))
+    seg_slots = data.draw(
+        st.lists(st.integers(-1, len(ranks) - 1), min_size=len(lengths), max_size=len(lengths))
+    )
+    T = sum(lengths)
+    indptr = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    x = torch.randn(T, d_in, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    token_slots = torch.repeat_interleave(torch.tensor(seg_slots), torch.tensor(lengths))
+    got = multi_lora(
+        x,
+        None,
+        packed,
+        seg_indptr=indptr,
+        seg_slots=torch.tensor(seg_slots, dtype=torch.int32),
+        backend=backend,
+    )
+    assert got.shape == (T, sum(sizes))
+    if T == 0:
+        return
+    assert_close(got, reference(x, token_slots, adapters, sizes), dtype)

@@ -1,0 +1,458 @@
+"""Grouped heterogeneous-rank LoRA (slora.ops.multi_lora / lora_slices) on every backend.
+
+Every backend is checked against a float64 reference computed from the *unpacked* adapters
+(so packing is tested too), on awkward shapes: rank 0, ranks and widths that are not
+multiples of any block, one token, empty and −1 segments, unsorted tokens, several slices.
+Outputs are poisoned before the call so that unwritten elements show.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from slora import ops
+from slora.kernels import multi_lora as ml
+from slora.ops import PackedAdapters, multi_lora
+
+
+def _backends() -> list[str]:
+    names = []
+    for be in ops.BACKENDS:
+        try:
+            ops.resolve_backend("cpu", be)
+        except RuntimeError:
+            continue
+        names.append(be)
+    return names
+
+
+BACKENDS = _backends()
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def make_adapters(ranks, d_in, sizes, dtype=torch.float32, seed=0):
+    """ranks[k][s] for slot k, slice s; None for an empty slot."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for k, rk in enumerate(ranks):
+        if rk is None:
+            out.append(None)
+            continue
+        out.append(
+            [
+                (
+                    torch.randn(r, d_in, generator=g).to(dtype),
+                    torch.randn(d, r, generator=g).to(dtype),
+                    0.25 + 0.5 * k + 0.1 * s,
+                )
+                for s, (r, d) in enumerate(zip(rk, sizes))
+            ]
+        )
+    return out
+
+
+def reference(x, slots, adapters, sizes):
+    """float64 y[t] = Σ_s scale·B (A x_t) per the token's slot (−1 = zeros)."""
+    y = torch.zeros(x.shape[0], sum(sizes), dtype=torch.float64)
+    for t in range(x.shape[0]):
+        k = int(slots[t])
+        if k < 0 or adapters[k] is None:
+            continue
+        col = 0
+        for (A, B, scale), d in zip(adapters[k], sizes):
+            y[t, col : col + d] = scale * (B.double() @ (A.double() @ x[t].double()))
+            col += d
+    return y
+
+
+def assert_close(got, ref, dtype):
+    tol = TOL[dtype]
+    scale = max(ref.abs().max().item(), 1.0)
+    err = (got.double() - ref).abs().max().item()
+    assert not torch.isnan(got).any(), "unwritten (NaN) elements in the output"
+    assert err <= tol * scale, f"max error {err:.3g} > {tol} × {scale:.3g}"
+
+
+CASES = {
+    # name: (per-slot ranks, d_in, slice sizes, T)
+    "mixed": ([(3,), (0,), (17,), (33,), (1,)], 37, [19], 23),
+    "qkv": ([(4, 0, 9), (0, 0, 0), (16, 5, 1), None, (20, 20, 2)], 50, [40, 12, 7], 29),
+    "one_token": ([(5,), (2,)], 21, [11], 1),
+    "blocks": ([(20,), (7,)], 70, [130], 19),  # d_in, d_out, rank past one block
+}
+
+
+def _slots_for(T, K, gen):
+    slots = torch.randint(-1, K, (T,), generator=gen)  # unsorted, with −1
+    return slots
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_token_slots_fp32_match_float64(backend, case):
+    ranks, d_in, sizes, T = CASES[case]
+    adapters = make_adapters(ranks, d_in, sizes)
+    packed = PackedAdapters.from_list(adapters, d_out=sizes)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(T, d_in, generator=gen)
+    slots = _slots_for(T, len(ranks), gen)
+    ref = reference(x, slots, adapters, sizes)
+    y = multi_lora(x, slots, packed, backend=backend)
+    assert y.shape == (T, sum(sizes)) and y.dtype == torch.float32
+    assert_close(y, ref, torch.float32)
+    # in place: out += delta, poisoned out (random values: unwritten rows must keep them)
+    base = torch.randn(T, sum(sizes), generator=gen)
+    out = base.clone()
+    assert multi_lora(x, slots, packed, out=out, backend=backend) is out
+    assert_close(out, ref + base.double(), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overwrite_writes_every_element(backend):
+    """A fresh output is not zero-filled first: the backend must write every element."""
+    ranks, d_in, sizes, T = CASES["qkv"]
+    adapters = make_adapters(ranks, d_in, sizes)
+    packed = PackedAdapters.from_list(adapters, d_out=sizes)
+    x = torch.randn(T, d_in)
+    slots = torch.tensor([-1, 1, 3, 0, 4, 2] * 5)[:T]  # −1, all-rank-0 and empty slots
+    meta = ml.build_token_meta(slots, packed.max_slots)
+    out = torch.full((T, packed.d_out), float("nan"))
+    fn = ops.implementation("multi_lora", "cpu", backend)
+    fn(x, meta, packed, out, overwrite=True)
+    assert_close(out, reference(x, slots, adapters, sizes), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(backend, dtype):
+    ranks, d_in, sizes, T = CASES["qkv"]
+    adapters = make_adapters(ranks, d_in, sizes, dtype=dtype)
+    packed = PackedAdapters.from_list(adapters, d_out=sizes)
+    x = torch.randn(T, d_in).to(dtype)
+    slots = _slots_for(T, len(ranks), torch.Generator().manual_seed(2))
+    ref = reference(x, slots, adapters, sizes)  # from the same rounded inputs
+    y = multi_lora(x, slots, packed, backend=backend)
+    assert y.dtype == dtype
+    assert_close(y, ref, dtype)
+    out32 = torch.zeros(T, packed.d_out)  # fp32 output of half inputs
+    multi_lora(x, slots, packed, out=out32, backend=backend)
+    assert_close(out32, ref, torch.float32 if backend != "triton" else dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_segments_with_empty_and_none(backend):
+    ranks, d_in, sizes, _ = CASES["qkv"]
+    adapters = make_adapters(ranks, d_in, sizes)
+    packed = PackedAdapters.from_list(adapters, d_out=sizes)
+    indptr = torch.tensor([0, 5, 5, 9, 21, 21, 26])  # two empty segments
+    seg_slots = torch.tensor([2, 0, -1, 4, 1, 0])
+    T = int(indptr[-1])
+    x = torch.randn(T, d_in)
+    token_slots = torch.repeat_interleave(seg_slots, indptr.diff())
+    ref = reference(x, token_slots, adapters, sizes)
+    y = multi_lora(x, None, packed, seg_indptr=indptr, seg_slots=seg_slots, backend=backend)
+    assert_close(y, ref, torch.float32)
+    # the per-token form of the same batch agrees
+    y2 = multi_lora(x, token_slots, packed, backend=backend)
+    assert_close(y2, ref, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_tokens_without_adapter_and_no_tokens(backend):
+    adapters = make_adapters([(4,), (6,)], 12, [9])
+    packed = PackedAdapters.from_list(adapters)
+    x = torch.randn(5, 12)
+    y = multi_lora(x, torch.full((5,), -1), packed, backend=backend)
+    assert torch.equal(y, torch.zeros(5, 9))
+    empty = multi_lora(
+        torch.randn(0, 12), torch.zeros(0, dtype=torch.long), packed, backend=backend
+    )
+    assert empty.shape == (0, 9)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="native ops not built")
+def test_cpp_threads_do_not_change_the_result():
+    # enough work (> 2 × 2^20 multiply-adds) for the kernel to use both threads
+    adapters = make_adapters([(8,), (13,), (64,), (1,)], 256, [200])
+    packed = PackedAdapters.from_list(adapters)
+    x = torch.randn(600, 256)
+    slots = torch.randint(-1, 4, (600,))  # groups of ~120 tokens: several chunks each
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = multi_lora(x, slots, packed, backend="cpp")
+        torch.set_num_threads(2)
+        two = multi_lora(x, slots, packed, backend="cpp")
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+    assert_close(one, reference(x, slots, adapters, [200]), torch.float32)
+
+
+# --- gradients ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_multi_lora_gradients_match_plain_autograd(backend):
+    ranks, d_in, sizes, T = CASES["qkv"]
+    adapters = make_adapters(ranks, d_in, sizes)
+    packed = PackedAdapters.from_list(adapters, d_out=sizes)
+    packed.A.requires_grad_(True)
+    packed.Bt.requires_grad_(True)
+    x = torch.randn(T, d_in, requires_grad=True)
+    slots = _slots_for(T, len(ranks), torch.Generator().manual_seed(3))
+    w = torch.randn(T, packed.d_out)
+    (multi_lora(x, slots, packed, backend=backend) * w).sum().backward()
+
+    leaves = [[(A.double().requires_grad_(), B.double().requires_grad_(), s) for A, B, s in a]
+              if a is not None else None for a in adapters]  # fmt: skip
+    x64 = x.detach().double().requires_grad_()
+    (reference_autograd(x64, slots, leaves, sizes) * w.double()).sum().backward()
+    assert_close(x.grad, x64.grad, torch.float32)
+    for k, a in enumerate(leaves):
+        if a is None:
+            continue
+        for s, (A, B, _) in enumerate(a):
+            r, a_off, b_off, _ = packed.host_meta(k)[s]
+            if r == 0:
+                continue
+            gA = packed.A.grad[a_off : a_off + r]
+            gB = packed.Bt.grad[b_off : b_off + r * sizes[s]].view(r, sizes[s]).t()
+            assert_close(gA, A.grad, torch.float32)
+            assert_close(gB, B.grad, torch.float32)
+
+
+def reference_autograd(x, slots, adapters, sizes):
+    rows = []
+    for t in range(x.shape[0]):
+        k = int(slots[t])
+        if k < 0 or adapters[k] is None:
+            rows.append(torch.zeros(sum(sizes), dtype=x.dtype))
+            continue
+        rows.append(torch.cat([s * (B @ (A @ x[t])) for A, B, s in adapters[k]]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lora_slices_forward_and_gradients(backend):
+    d_in, ranks, sizes, scales = 24, [4, 0, 7], [16, 8, 8], [0.5, 2.0, 1.5]
+    As = [torch.randn(r, d_in, requires_grad=True) for r in ranks]
+    Bs = [torch.randn(d, r, requires_grad=True) for d, r in zip(sizes, ranks)]
+    x = torch.randn(2, 5, d_in, requires_grad=True)
+    w = torch.randn(2, 5, sum(sizes))
+    y = ops.lora_slices(x, As, Bs, scales, backend=backend)
+    assert y.shape == (2, 5, sum(sizes))
+    (y * w).sum().backward()
+    got = [x.grad, *[a.grad for a in As], *[b.grad for b in Bs]]
+
+    xs = x.detach().clone().requires_grad_()
+    As2 = [a.detach().clone().requires_grad_() for a in As]
+    Bs2 = [b.detach().clone().requires_grad_() for b in Bs]
+    plain = torch.cat([s * (xs @ a.t()) @ b.t() for a, b, s in zip(As2, Bs2, scales)], dim=-1)
+    torch.testing.assert_close(y, plain, rtol=1e-5, atol=1e-5)
+    (plain * w).sum().backward()
+    want = [xs.grad, *[a.grad for a in As2], *[b.grad for b in Bs2]]
+    for g, h in zip(got, want):
+        torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_slices_errors():
+    with pytest.raises(ValueError, match="equal length"):
+        ops.lora_slices(torch.randn(3, 4), [torch.randn(2, 4)], [], [1.0])
+    with pytest.raises(ValueError, match="slice 0"):
+        ops.lora_slices(torch.randn(3, 4), [torch.randn(2, 5)], [torch.randn(3, 2)], [1.0])
+
+
+# --- packing --------------------------------------------------------------------------------
+
+
+def test_packing_is_at_true_ranks_and_rank_zero_is_free():
+    adapters = make_adapters([(8, 0), (0, 0), (3, 5)], 10, [6, 4])
+    packed = PackedAdapters.from_list(adapters)
+    assert packed.A.shape == (8 + 3 + 5, 10)
+    assert packed.Bt.numel() == 8 * 6 + 3 * 6 + 5 * 4
+    assert packed.nbytes() == (8 * 16 + 3 * 16 + 5 * 14) * 4
+    assert packed.ranks.tolist() == [[8, 0], [0, 0], [3, 5]]
+    for k, a in enumerate(adapters):
+        for got, want in zip(packed.adapter(k), a):
+            if want[0].shape[0] == 0:
+                assert got is None
+            else:
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_load_and_unload_touch_only_their_slot():
+    adapters = make_adapters([(8,), (4,), (6,)], 10, [6])
+    packed = PackedAdapters.from_list(adapters, max_slots=4)
+    A_buf = packed.A
+    keep = {k: [t.clone() for t in packed.adapter(k)[0][:2]] for k in (0, 2)}
+    packed.unload(1)
+    assert packed.ranks[1].tolist() == [0]
+    new = make_adapters([(3,)], 10, [6], seed=7)[0]
+    packed.load(1, new)  # fits in the freed rows: no reallocation
+    assert packed.A is A_buf
+    for k in (0, 2):
+        assert all(torch.equal(a, b) for a, b in zip(packed.adapter(k)[0][:2], keep[k]))
+    big = make_adapters([(30,)], 10, [6], seed=8)[0]
+    packed.load(3, big)  # needs more room: buffers grow, offsets of others unchanged
+    x = torch.randn(9, 10)
+    slots = torch.tensor([0, 1, 2, 3, -1, 3, 2, 1, 0])
+    want = reference(x, slots, [adapters[0], new, adapters[2], big], [6])
+    assert_close(multi_lora(x, slots, packed, backend="torch"), want, torch.float32)
+
+
+def test_padded_copy_gives_the_same_result():
+    adapters = make_adapters([(8,), (2,), (5,)], 12, [7])
+    packed = PackedAdapters.from_list(adapters)
+    padded = packed.padded()
+    assert padded.ranks.tolist() == [[8], [8], [8]]
+    x = torch.randn(6, 12)
+    slots = torch.tensor([2, 0, 1, -1, 1, 2])
+    torch.testing.assert_close(
+        multi_lora(x, slots, padded, backend="torch"), multi_lora(x, slots, packed, backend="torch")
+    )
+
+
+# --- metadata and converters ----------------------------------------------------------------
+
+
+def test_token_meta_groups_sorted_tokens():
+    meta = ml.build_token_meta(torch.tensor([2, -1, 0, 2, 0, 3]), max_slots=4)
+    assert meta.group_len.tolist() == [2, 0, 2, 1]
+    assert meta.group_start.tolist() == [0, 2, 2, 4]
+    assert meta.order[:5].tolist() == [2, 4, 0, 3, 5]  # stable by slot; −1 last
+
+
+def test_vllm_mapping_converter():
+    mapping = torch.tensor([1, -1, 0, 1, 1])
+    meta = ml.from_vllm(mapping, max_slots=2)
+    assert meta.group_len.tolist() == [1, 3]
+    adapters = make_adapters([(3,), (5,)], 8, [4])
+    packed = PackedAdapters.from_list(adapters)
+    x = torch.randn(5, 8)
+    out = torch.zeros(5, 4)
+    ml.multi_lora_torch(x, meta, packed, out)
+    assert_close(out, reference(x, mapping, adapters, [4]), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sglang_converter(backend):
+    indptr, weight_indices = torch.tensor([0, 3, 4, 8]), torch.tensor([1, 0, 2])
+    lora_ranks = torch.tensor([0, 6, 2])  # SGLang's slot 0 is the base model (rank 0)
+    seg_indptr, seg_slots = ml.from_sglang(indptr, weight_indices, lora_ranks)
+    assert seg_slots.tolist() == [1, -1, 2]
+    adapters = make_adapters([(1,), (6,), (2,)], 9, [5])
+    packed = PackedAdapters.from_list(adapters)
+    x = torch.randn(8, 9)
+    y = multi_lora(x, None, packed, seg_indptr=seg_indptr, seg_slots=seg_slots, backend=backend)
+    token_slots = torch.tensor([1, 1, 1, -1, 2, 2, 2, 2])
+    assert_close(y, reference(x, token_slots, adapters, [5]), torch.float32)
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small():
+    packed = PackedAdapters.from_list(make_adapters([(3,), (2,)], 8, [5]))
+    return packed, torch.randn(4, 8)
+
+
+@pytest.mark.parametrize("bad", [torch.tensor([0, 2, 1, 0]), torch.tensor([0, -2, 1, 0])])
+def test_slot_out_of_range(small, bad):
+    packed, x = small
+    with pytest.raises(ValueError, match=r"token_slots.*\[-1, 2\)"):
+        multi_lora(x, bad, packed)
+
+
+def test_mismatched_sizes(small):
+    packed, x = small
+    with pytest.raises(ValueError, match="token_slots must be 1-D with one slot per token"):
+        multi_lora(x, torch.tensor([0, 1]), packed)
+    with pytest.raises(ValueError, match=r"x must be \[tokens, 8\]"):
+        multi_lora(torch.randn(4, 7), torch.zeros(4, dtype=torch.long), packed)
+    with pytest.raises(ValueError, match="dtype"):
+        multi_lora(x.double(), torch.zeros(4, dtype=torch.long), packed)
+    with pytest.raises(ValueError, match=r"out must be \[4, 5\]"):
+        multi_lora(x, torch.zeros(4, dtype=torch.long), packed, out=torch.zeros(4, 6))
+    with pytest.raises(ValueError, match="integer"):
+        multi_lora(x, torch.zeros(4), packed)
+    with pytest.raises(ValueError, match=r"B must be \[5, 3\]"):
+        PackedAdapters.from_list([(torch.randn(3, 8), torch.randn(5, 2), 1.0)])
+    with pytest.raises(IndexError, match="slot 2 out of range"):
+        packed.load(2, None)
+
+
+@pytest.mark.parametrize(
+    "indptr, slots",
+    [
+        (torch.tensor([0, 2, 3]), torch.tensor([0, 1])),  # ends before the last token
+        (torch.tensor([0, 3, 2, 4]), torch.tensor([0, 1, 0])),  # decreasing
+        (torch.tensor([1, 4]), torch.tensor([0])),  # does not start at 0
+    ],
+)
+def test_segments_must_cover_the_tokens(small, indptr, slots):
+    packed, x = small
+    with pytest.raises(ValueError, match="segments must cover the tokens"):
+        multi_lora(x, None, packed, seg_indptr=indptr, seg_slots=slots)
+
+
+def test_segment_argument_errors(small):
+    packed, x = small
+    with pytest.raises(ValueError, match="seg_slots must have length 2"):
+        multi_lora(x, None, packed, seg_indptr=torch.tensor([0, 2, 4]), seg_slots=torch.tensor([0]))
+    with pytest.raises(ValueError, match="seg_slots.*\\[-1, 2\\)"):
+        multi_lora(x, None, packed, seg_indptr=torch.tensor([0, 4]), seg_slots=torch.tensor([5]))
+    with pytest.raises(ValueError, match="not both"):
+        multi_lora(
+            x,
+            torch.zeros(4, dtype=torch.long),
+            packed,
+            seg_indptr=torch.tensor([0, 4]),
+            seg_slots=torch.tensor([0]),
+        )
+    with pytest.raises(ValueError, match="token_slots is required"):
+        multi_lora(x, None, packed)
+
+
+# --- CUDA -----------------------------------------------------------------------------------
+
+
+def _cuda_case(dtype):
+    ranks, d_in, sizes, T = CASES["qkv"]
+    adapters = make_adapters(ranks, d_in, sizes, dtype=dtype)
+    packed = PackedAdapters.from_list(adapters, d_out=sizes, device="cuda")
+    x = torch.randn(T, d_in).to(dtype)
+    slots = _slots_for(T, len(ranks), torch.Generator().manual_seed(4))
+    return packed, x.cuda(), slots.cuda(), reference(x, slots, adapters, sizes)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_triton_in_a_cuda_graph(dtype):
+    """On a GPU: metadata + Triton kernels captured in a CUDA graph (no host sync) and replayed."""
+    packed, x, slots, ref = _cuda_case(dtype)
+    out = torch.zeros(x.shape[0], packed.d_out, dtype=dtype, device="cuda")
+    multi_lora(x, slots, packed, out=out, backend="triton")  # warm-up / compile
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        multi_lora(x, slots, packed, out=out, backend="triton")
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(out.cpu(), ref, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_decode_kernel(dtype):
+    """On a GPU: csrc/multi_lora_decode.cu, built by nvcc and called through ctypes."""
+    packed, x, slots, ref = _cuda_case(dtype)
+    out = torch.zeros(x.shape[0], packed.d_out, dtype=dtype, device="cuda")
+    ml.cuda_decode(x, slots, packed, out, ml.build_cuda_decode())
+    torch.cuda.synchronize()
+    assert_close(out.cpu(), ref, dtype)

@@ -1,0 +1,454 @@
+"""Sensitivity-statistics kernels (every backend) and factor metrics vs float64 references.
+
+Triton runs under TRITON_INTERPRET=1 without CUDA (set by conftest), so shapes stay small.
+Every ``torch.empty`` / ``torch.empty_like`` made while a kernel runs is poisoned with NaN, so a
+workspace or output element that a kernel forgets to write shows up in the result.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tiny_models import MODELS, batches
+
+import slora
+from slora import ops
+from slora.kernels import sensitivity_metrics as sm
+from slora.kernels import sensitivity_stats as ss
+
+
+def _backends() -> list[str]:
+    names = ["torch"]
+    try:
+        ops.resolve_backend("cpu", "triton")
+        names.append("triton")
+    except RuntimeError:
+        pass
+    from slora.kernels import native_ops
+
+    if native_ops.available():
+        names.append("cpp")
+    return names
+
+
+BACKENDS = _backends()
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-5}
+
+# (tokens, features, mask kind): odd sizes, one token, all-but-one masked, a multi-block size.
+SHAPES = [
+    (1, 1, "none"),
+    (1, 7, "none"),
+    (5, 3, "random"),
+    (37, 19, "random"),
+    (29, 130, "all_but_one"),
+    (70, 261, "random"),
+    (3, 513, "none"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _poison_empty(monkeypatch):
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
+
+
+def _mask(kind: str, tokens: int) -> torch.Tensor | None:
+    if kind == "none":
+        return None
+    if kind == "all_but_one":
+        mask = torch.zeros(tokens, dtype=torch.bool)
+        mask[tokens // 2] = True
+        return mask
+    mask = torch.rand(tokens) > 0.35
+    mask[0] = True
+    return mask
+
+
+def _data(tokens: int, features: int, dtype: torch.dtype, scale: float = 3.0) -> torch.Tensor:
+    # Values away from zero (never all zeros) with a spread of magnitudes.
+    return (torch.randn(tokens, features, dtype=torch.float64) * scale + 0.1).to(dtype)
+
+
+def _ref_sq(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    sq = x.double().square()
+    return sq if mask is None else sq * mask.double()[:, None]
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    actual = actual.double()
+    assert torch.isfinite(actual).all(), f"{what}: non-finite output {actual}"
+    torch.testing.assert_close(actual, expected, rtol=TOL[dtype], atol=1e-30, msg=what)
+
+
+def _run_stats(backend, x, mask, **launch):
+    """Input side then grad side on random (non-zero) accumulators; returns outputs and refs."""
+    tokens, features = x.shape
+    col = torch.rand(features) + 0.5
+    col0 = col.double().clone()
+    if launch:
+        tok = ss.accumulate_input_stats_triton(x, mask, col, **launch)
+    else:
+        tok = ops.accumulate_input_stats(x, mask, col, backend=backend)
+    dy = _data(tokens, features + 3, x.dtype, scale=0.5)
+    row = torch.rand(features + 3) + 0.5
+    trace = torch.rand(()) + 0.5
+    row0, trace0 = row.double().clone(), trace.double().clone()
+    if launch:
+        ss.accumulate_grad_stats_triton(dy, mask, tok, row, trace, **launch)
+    else:
+        ops.accumulate_grad_stats(dy, mask, tok, row, trace, backend=backend)
+    sq_x, sq_dy = _ref_sq(x, mask), _ref_sq(dy, mask)
+    return {
+        "col_sq": (col, col0 + sq_x.sum(0)),
+        "token_sq": (tok, sq_x.sum(1)),
+        "row_sq": (row, row0 + sq_dy.sum(0)),
+        "trace": (trace, trace0 + (sq_dy.sum(1) * sq_x.sum(1)).sum()),
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,features,mask_kind", SHAPES)
+def test_stats_match_float64(backend, dtype, tokens, features, mask_kind):
+    x = _data(tokens, features, dtype)
+    mask = _mask(mask_kind, tokens)
+    for name, (got, want) in _run_stats(backend, x, mask).items():
+        _close(got, want, dtype, f"{backend} {dtype} {name}")
+        if name == "token_sq" and mask is not None:
+            assert (got[~mask] == 0).all(), "masked tokens must have ‖x_t‖² = 0"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_squares_that_overflow_fp16(backend):
+    # |x| ≈ 300..1000: x² ≫ 65504 (fp16 max), so squaring in fp16 would give inf.
+    x = (torch.rand(9, 33, dtype=torch.float64) * 700 + 300).to(torch.float16)
+    for name, (got, want) in _run_stats(backend, x, _mask("random", 9)).items():
+        _close(got, want, torch.float16, f"{backend} {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_input_and_strided_views(backend):
+    base = _data(23, 40, torch.float64)
+    x = base[:, ::2]  # column stride 2
+    mask = _mask("random", 46)[::2]  # a strided mask too
+    for name, (got, want) in _run_stats(backend, x, mask).items():
+        _close(got, want, torch.float32, f"{backend} strided {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_tokens(backend):
+    x = torch.empty(0, 6)
+    col = torch.rand(6)
+    before = col.clone()
+    tok = ops.accumulate_input_stats(x, None, col, backend=backend)
+    assert tok.shape == (0,) and torch.equal(col, before)
+    row, trace = torch.rand(4), torch.rand(1)
+    row0, trace0 = row.clone(), trace.clone()
+    ops.accumulate_grad_stats(torch.empty(0, 4), None, tok, row, trace, backend=backend)
+    assert torch.equal(row, row0) and torch.equal(trace, trace0)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not usable")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "launch", [dict(block_t=4, block_d=8, splits=3), dict(block_t=2, splits=50)]
+)
+def test_triton_split_and_column_block_paths(dtype, launch):
+    # Several token splits (workspace path) and several column blocks (token partials summed).
+    x = _data(41, 27, dtype)
+    for name, (got, want) in _run_stats("triton", x, _mask("random", 41), **launch).items():
+        _close(got, want, dtype, f"triton {launch} {name}")
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="native ops not built")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpp_threads_give_identical_bits(dtype):
+    # Large enough (> 2 M elements) for the C++ op to split the rows across threads.
+    x = _data(4200, 1100, dtype)
+    dy = _data(4200, 530, dtype)
+    mask = _mask("random", 4200)
+    results = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            col, row, trace = torch.zeros(1100), torch.zeros(530), torch.zeros(1)
+            tok = ops.accumulate_input_stats(x, mask, col, backend="cpp")
+            ops.accumulate_grad_stats(dy, mask, tok, row, trace, backend="cpp")
+            results.append((col, tok, row, trace))
+    finally:
+        torch.set_num_threads(old)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+    sq_x, sq_dy = _ref_sq(x, mask), _ref_sq(dy, mask)
+    want = (sq_x.sum(0), sq_x.sum(1), sq_dy.sum(0), (sq_dy.sum(1) * sq_x.sum(1)).sum().reshape(1))
+    for got, ref in zip(results[1], want):
+        _close(got, ref, dtype, "cpp, several threads")
+
+
+# ---- fisher_exact --------------------------------------------------------------------------
+
+FISHER_BACKENDS = [b for b in BACKENDS if b != "cpp"]  # cpp falls back to torch (no own op)
+
+
+@pytest.mark.parametrize("backend", FISHER_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "tokens,d_out,d_in,mask_kind",
+    [(1, 1, 1, "none"), (1, 5, 3, "none"), (37, 19, 21, "random"), (70, 33, 130, "all_but_one")],
+)
+def test_fisher_exact_matches_float64(backend, dtype, tokens, d_out, d_in, mask_kind):
+    dy, x = _data(tokens, d_out, dtype, 0.5), _data(tokens, d_in, dtype)
+    mask = _mask(mask_kind, tokens)
+    diag = torch.rand(d_out, d_in) + 0.5
+    want = diag.double() + _ref_sq(dy, mask).t() @ x.double().square()
+    ops.accumulate_fisher_exact(dy, x, mask, diag, backend=backend)
+    _close(diag, want, dtype, f"{backend} fisher_exact")
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not usable")
+def test_fisher_exact_triton_overflowing_fp16_strided_and_blocked():
+    dy = (torch.rand(20, 17, dtype=torch.float64) * 500 + 300).to(torch.float16)
+    x = _data(20, 50, torch.float16)[:, ::2]
+    diag = (torch.rand(25, 17) + 0.5).t()  # a transposed (non-contiguous) accumulator
+    want = diag.double() + dy.double().square().t() @ x.double().square()
+    ss.accumulate_fisher_exact_triton(dy, x, None, diag, block_o=16, block_d=16, block_t=16)
+    _close(diag, want, torch.float16, "fisher_exact blocked")
+
+
+# ---- errors --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_errors_name_the_tensor(backend):
+    x, col = torch.randn(4, 3), torch.zeros(3)
+    with pytest.raises(ValueError, match="x must be a 2-D"):
+        ops.accumulate_input_stats(torch.randn(2, 4, 3), None, col, backend=backend)
+    with pytest.raises(TypeError, match="x must be float16"):
+        ops.accumulate_input_stats(x.long(), None, col, backend=backend)
+    with pytest.raises(ValueError, match="row_mask"):
+        ops.accumulate_input_stats(x, torch.ones(4), col, backend=backend)
+    with pytest.raises(ValueError, match="row_mask"):
+        ops.accumulate_input_stats(x, torch.ones(5, dtype=torch.bool), col, backend=backend)
+    with pytest.raises(ValueError, match="col_sq"):
+        ops.accumulate_input_stats(x, None, torch.zeros(4), backend=backend)
+    with pytest.raises(ValueError, match="col_sq"):
+        ops.accumulate_input_stats(x, None, torch.zeros(3, dtype=torch.float64), backend=backend)
+    tok = torch.zeros(4)
+    with pytest.raises(ValueError, match="x_token_sq"):
+        ops.accumulate_grad_stats(
+            x, None, torch.zeros(5), torch.zeros(3), torch.zeros(1), backend=backend
+        )
+    with pytest.raises(ValueError, match="row_sq"):
+        ops.accumulate_grad_stats(x, None, tok, torch.zeros(2), torch.zeros(1), backend=backend)
+    with pytest.raises(ValueError, match="trace"):
+        ops.accumulate_grad_stats(x, None, tok, torch.zeros(3), torch.zeros(2), backend=backend)
+    with pytest.raises(ValueError, match="dy and x"):
+        ops.accumulate_fisher_exact(x, torch.randn(5, 3), None, torch.zeros(3, 3), backend=backend)
+    with pytest.raises(ValueError, match="diag"):
+        ops.accumulate_fisher_exact(x, x, None, torch.zeros(3, 4), backend=backend)
+
+
+# ---- metrics from factors vs dense references ----------------------------------------------
+
+
+def _dense(u, v):
+    return torch.outer(u.double(), v.double())
+
+
+def _factor_cases():
+    g = torch.Generator().manual_seed(1)
+    return {
+        "random": (torch.rand(13, generator=g), torch.rand(29, generator=g)),
+        "wide_range": (
+            torch.rand(7, generator=g) ** 8,
+            torch.exp(torch.randn(40, generator=g) * 4),
+        ),
+        "ties": (torch.tensor([3.0, 1.0, 3.0, 2.0, 1.0]), torch.tensor([2.0, 2.0, 1.0, 4.0])),
+        "zeros": (torch.tensor([0.0, 2.0, 0.0, 5.0]), torch.tensor([1.0, 0.0, 3.0])),
+        "all_equal": (torch.full((6,), 2.0), torch.full((5,), 0.5)),
+        "single": (torch.tensor([3.0]), torch.tensor([7.0])),
+        "activation": (torch.full((11,), 2.0), torch.rand(17, generator=g)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_factor_cases()))
+def test_topk_from_factors_matches_dense(case):
+    u, v = _factor_cases()[case]
+    m = u.numel() * v.numel()
+    dense = _dense(u, v)
+    for k in sorted({1, 2, m // 3, math.ceil(m / 2), m - 1, m}):
+        if k < 1:
+            continue
+        want = sm.dense_topk_sum(dense, k)
+        got = sm.outer_topk_sum(u, v, k)
+        assert got == pytest.approx(want, rel=1e-12, abs=1e-300), (case, k)
+
+
+@pytest.mark.parametrize("case", list(_factor_cases()))
+def test_share_count_from_factors_matches_dense(case):
+    u, v = _factor_cases()[case]
+    dense = _dense(u, v)
+    for alpha in (1e-9, 0.1, 0.5, 0.85, 0.999):
+        assert sm.outer_share_count(u, v, alpha) == sm.dense_share_count(dense, alpha), (
+            case,
+            alpha,
+        )
+
+
+def test_share_count_alpha_one_counts_every_positive_entry():
+    # α = 1: all positive entries are needed, however tiny (rounding would absorb them in a
+    # cumulative sum, so this case is answered exactly rather than numerically).
+    u, v = torch.tensor([1.0, 1e-9, 0.0, 0.5]), torch.tensor([1e-12, 2.0, 0.0, 3.0])
+    assert sm.outer_share_count(u, v, 1.0) == 9
+    assert sm.dense_share_count(_dense(u, v), 1.0) == 9
+    assert sm.outer_metrics_many([(u, v)], [1], 1.0, vectorised=True)[1] == [9]
+
+
+def test_share_count_alpha_one_on_exact_integers():
+    # Integer entries: every partial sum is exact, so α = 1 has one right answer.
+    u, v = torch.tensor([0.0, 1.0, 3.0, 2.0]), torch.tensor([2.0, 0.0, 1.0])
+    assert sm.outer_share_count(u, v, 1.0) == sm.dense_share_count(_dense(u, v), 1.0) == 6
+
+
+def test_metrics_all_zero_factors():
+    u, v = torch.zeros(3), torch.rand(4)
+    assert sm.outer_topk_sum(u, v, 2) == 0.0 == sm.dense_topk_sum(_dense(u, v), 2)
+    assert sm.outer_share_count(u, v, 0.85) == 0 == sm.dense_share_count(_dense(u, v), 0.85)
+
+
+def test_metrics_reject_negative_or_nan_factors():
+    with pytest.raises(ValueError, match="non-negative"):
+        sm.outer_topk_sum(torch.tensor([1.0, -1.0]), torch.ones(2), 1)
+    with pytest.raises(ValueError, match="finite"):
+        sm.outer_share_count(torch.ones(2), torch.tensor([float("nan")]), 0.5)
+
+
+def _large_cases():
+    g = torch.Generator().manual_seed(2)
+    return {
+        # more entries than the band that is enumerated: bisection, then enumeration
+        "random_large": (torch.rand(120, generator=g) ** 3, torch.rand(90, generator=g) ** 2),
+        # a tie block larger than the enumerated band: the equal-entries fallback
+        "tied_large": (torch.full((100,), 2.0), torch.full((90,), 0.5)),
+        "activation_large": (torch.full((64,), 2.0), torch.rand(150, generator=g)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_large_cases()))
+def test_metrics_large_match_dense(case):
+    u, v = _large_cases()[case]
+    dense = _dense(u, v)
+    m = dense.numel()
+    assert m > sm._BAND_ENUMERATE
+    for k in (1, m // 7, math.ceil(m / 2), m - 1):
+        assert sm.outer_topk_sum(u, v, k) == pytest.approx(sm.dense_topk_sum(dense, k), rel=1e-12)
+    for alpha in (0.3, 0.85, 0.99):
+        assert sm.outer_share_count(u, v, alpha) == sm.dense_share_count(dense, alpha)
+
+
+@pytest.mark.parametrize("vectorised", [True, False])
+def test_batched_metrics_match_dense_and_scalar(vectorised):
+    cases = {**_factor_cases(), **_large_cases()}
+    factors = list(cases.values())
+    ks = [max(1, math.ceil(u.numel() * v.numel() / 2)) for u, v in factors]
+    for alpha in (0.5, 0.85):
+        tops, counts = sm.outer_metrics_many(factors, ks, alpha, vectorised=vectorised)
+        for (u, v), k, top, count in zip(factors, ks, tops, counts):
+            dense = _dense(u, v)
+            assert top == pytest.approx(sm.dense_topk_sum(dense, k), rel=1e-12, abs=1e-300)
+            assert count == sm.dense_share_count(dense, alpha)
+            assert count == sm.outer_share_count(u, v, alpha)
+    assert sm.outer_metrics_many([], [], 0.85) == ([], [])
+    with pytest.raises(ValueError, match="ks has"):
+        sm.outer_metrics_many(factors, ks[:-1], 0.85)
+
+
+# ---- CUDA (run by the GPU script; skipped without a device) --------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,features", [(1, 1), (37, 19), (4099, 4096), (2048, 14336)])
+def test_triton_and_cuda_sources_on_device(dtype, tokens, features):
+    from slora.kernels import native_ops
+
+    dev = "cuda"
+    x = _data(tokens, features, dtype).to(dev)
+    dy = _data(tokens, features + 5, dtype, 0.5).to(dev)
+    mask = _mask("random", tokens).to(dev)
+    sq_x, sq_dy = _ref_sq(x, mask), _ref_sq(dy, mask)
+    want = (sq_x.sum(0), sq_x.sum(1), sq_dy.sum(0), (sq_dy.sum(1) * sq_x.sum(1)).sum())
+    col, row, trace = (torch.zeros(features, device=dev), torch.zeros(features + 5, device=dev),
+                       torch.zeros(1, device=dev))  # fmt: skip
+    tok = ops.accumulate_input_stats(x, mask, col, backend="triton")
+    ops.accumulate_grad_stats(dy, mask, tok, row, trace, backend="triton")
+    for got, ref, name in zip((col, tok, row, trace[0]), want, ("col", "tok", "row", "trace")):
+        _close(got.cpu(), ref.cpu(), dtype, f"triton cuda {name}")
+    ext = native_ops.cuda_reductions()
+    if ext is None:
+        pytest.skip("the CUDA sources could not be built here")
+    stream = torch.cuda.current_stream().cuda_stream
+    col2, tok2 = torch.zeros(features, device=dev), torch.full((tokens,), float("nan"), device=dev)
+    ext.sq_stats(x, mask, col2, tok2, None, None, 64, stream)
+    row2, trace2 = torch.zeros(features + 5, device=dev), torch.zeros(1, device=dev)
+    ext.sq_stats(dy, mask, row2, None, tok2, trace2, 64, stream)
+    for got, ref, name in zip((col2, tok2, row2, trace2[0]), want, ("col", "tok", "row", "trace")):
+        _close(got.cpu(), ref.cpu(), dtype, f"cuda source {name}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fisher_exact_triton_on_device(dtype):
+    dy, x = _data(300, 257, dtype, 0.5).cuda(), _data(300, 129, dtype).cuda()
+    mask = _mask("random", 300).cuda()
+    diag = torch.rand(257, 129, device="cuda")
+    want = diag.double() + _ref_sq(dy, mask).t() @ x.double().square()
+    ops.accumulate_fisher_exact(dy, x, mask, diag, backend="triton")
+    _close(diag, want, dtype, "fisher_exact cuda")
+    cpu_diag = torch.zeros(257, 129)  # accumulator on the host
+    ops.accumulate_fisher_exact(dy, x, mask, cpu_diag, backend="triton")
+    want_host = (_ref_sq(dy, mask).t() @ x.double().square()).cpu()
+    _close(cpu_diag, want_host, dtype, "fisher_exact host accumulator")
+
+
+@pytest.mark.cuda
+def test_vectorised_metrics_on_device():
+    cases = {**_factor_cases(), **_large_cases()}
+    factors = [(u.cuda(), v.cuda()) for u, v in cases.values()]
+    ks = [max(1, math.ceil(u.numel() * v.numel() / 2)) for u, v in factors]
+    tops, counts = sm.outer_metrics_many(factors, ks, 0.85)
+    for (u, v), k, top, count in zip(factors, ks, tops, counts):
+        dense = _dense(u, v)
+        assert top == pytest.approx(sm.dense_topk_sum(dense, k), rel=1e-12, abs=1e-300)
+        assert count == sm.dense_share_count(dense, 0.85)
+
+
+# ---- whole pass: the same report from every backend ----------------------------------------
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+@pytest.mark.parametrize("estimator", ["activation", "fisher", "fisher_exact"])
+def test_analyze_same_report_on_every_backend(backend, kind, estimator):
+    model, data = MODELS[kind](), batches(kind, n=2)
+    want = slora.analyze(model, data, estimator=estimator, progress=False, backend="torch")
+    got = slora.analyze(model, data, estimator=estimator, progress=False, backend=backend)
+    assert got.num_tokens == want.num_tokens
+    assert list(got.modules) == list(want.modules)
+    for name, ref in want.modules.items():
+        row = got.modules[name]
+        assert row["effrank"] == ref["effrank"], name
+        for key in ("global", "topk", "local", "score"):
+            assert row[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-12), (name, key)
