@@ -272,3 +272,16 @@ def test_head_warm_up_trains_only_the_head_and_changes_calibration():
     cold = demo.calibrate(task, recipe, progress=False)[0]
     warm = demo.calibrate(task, replace(recipe, calib_head_epochs=2), progress=False)[0]
     assert cold.scores != warm.scores
+
+
+def test_lr_sweep_picks_each_methods_best_on_validation(tmp_path):
+    task = tiny_task()
+    recipe = tiny_recipe()
+    sweep = {"uniform": [1e-4, 5e-3]}
+    doc = demo.run_demo(task, recipe, tmp_path, [0], sweep=sweep, progress=False, log=lambda s: 0)
+    uni = doc["methods"]["uniform"]
+    val = uni["lr_sweep_val_accuracy"]
+    assert set(val) == {"0.0001", "0.005"}
+    assert val[f"{uni['lr']:g}"] == max(val.values())
+    assert doc["methods"]["sensitivity"]["lr"] == recipe.lr
+    assert "lr_sweep_val_accuracy" not in doc["methods"]["sensitivity"]

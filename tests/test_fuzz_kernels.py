@@ -2,7 +2,8 @@
 
 Random slot counts, ranks (0 included, empty slots), widths, slices, token slots (−1
 included, any order), prefill segments (empty ones included) and dtypes.  CI runs
-``SLORA_FUZZ_EXAMPLES`` (default 100) cases per backend and form (200 per backend); raise it for a longer run.
+``SLORA_FUZZ_EXAMPLES`` (default 100) cases per backend and form, 200 per backend; raise it
+for a longer run.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_multi_lora import BACKENDS, assert_close, make_adapters, reference
 
+from slora import ops
 from slora.ops import PackedAdapters, multi_lora
 
 EXAMPLES = int(os.environ.get("SLORA_FUZZ_EXAMPLES", "100"))  # × 2 forms per backend
@@ -97,3 +99,49 @@ def test_fuzz_segments(backend, problem, data):
     if T == 0:
         return
     assert_close(got, reference(x, token_slots, adapters, sizes), dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@FUZZ
+@given(
+    tokens=st.integers(1, 40),
+    d_in=st.integers(1, 48),
+    d_out=st.integers(1, 48),
+    masked=st.sampled_from(["none", "random", "all_but_one"]),
+    dtype=st.sampled_from(DTYPES),
+    magnitude=st.sampled_from([1e-3, 1.0, 400.0]),  # 400² overflows fp16
+    seed=st.integers(0, 2**16),
+)
+def test_fuzz_sensitivity_stats(backend, tokens, d_in, d_out, masked, dtype, magnitude, seed):
+    """The three calibration reductions against float64, accumulating onto poisoned-free
+    random buffers (so a kernel that overwrites instead of adding shows)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(tokens, d_in, generator=g) * magnitude).to(dtype)
+    dy = (torch.randn(tokens, d_out, generator=g) * magnitude).to(dtype)
+    mask = None
+    if masked == "random":
+        mask = torch.rand(tokens, generator=g) > 0.4
+    elif masked == "all_but_one":
+        mask = torch.zeros(tokens, dtype=torch.bool)
+        mask[seed % tokens] = True
+    m = torch.ones(tokens, dtype=torch.float64) if mask is None else mask.double()
+    x64, dy64 = x.double(), dy.double()
+    col0, row0 = torch.rand(d_in), torch.rand(d_out)
+    trace0, diag0 = torch.rand(1), torch.rand(d_out, d_in)
+    col, row, trace, diag = col0.clone(), row0.clone(), trace0.clone(), diag0.clone()
+    token_sq = ops.accumulate_input_stats(x, mask, col, backend=backend)
+    ops.accumulate_grad_stats(dy, mask, token_sq, row, trace, backend=backend)
+    ops.accumulate_fisher_exact(dy, x, mask, diag, backend=backend)
+    want_tok = (x64**2).sum(1) * m
+    want = {
+        "token_sq": want_tok,
+        "col": col0.double() + (x64**2 * m[:, None]).sum(0),
+        "row": row0.double() + (dy64**2 * m[:, None]).sum(0),
+        "trace": trace0.double() + ((dy64**2).sum(1) * want_tok).sum(),
+        "diag": diag0.double() + (dy64**2 * m[:, None]).T @ x64**2,
+    }
+    got = {"token_sq": token_sq, "col": col, "row": row, "trace": trace, "diag": diag}
+    for name, value in got.items():
+        assert value.dtype == torch.float32 and torch.isfinite(value).all(), name
+        err = (value.double() - want[name]).abs().max().item()
+        assert err <= 2e-5 * max(want[name].abs().max().item(), 1e-30), (name, err)

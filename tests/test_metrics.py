@@ -23,6 +23,8 @@ def _ref_topk(u, v, k):
 
 def _ref_share(u, v, alpha):
     e = np.sort(np.outer(u.double().numpy(), v.double().numpy()).ravel())[::-1]
+    if alpha >= 1:  # every positive entry (a rounded cumulative sum may stall before that)
+        return int((e > 0).sum())
     cum = np.cumsum(e)
     return int(np.argmax(cum >= alpha * cum[-1])) + 1
 

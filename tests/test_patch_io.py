@@ -239,6 +239,17 @@ def test_load_errors_leave_the_model_untouched(tmp_path):
     save_file(tensors, sh / "adapter_model.safetensors")
     with pytest.raises(ValueError, match="do not fit the base layer"):
         slora.load_adapter(target, sh)
+    shape = load_file(good / "adapter_model.safetensors")[key].shape
+    for what, value, match in [
+        ("int", torch.ones(shape, dtype=torch.int32), "floating point"),
+        ("nan", torch.full(shape, float("nan")), "NaN/Inf"),
+    ]:
+        folder = tmp_path / what
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text((good / "adapter_config.json").read_text())
+        save_file({**tensors, key: value}, folder / "adapter_model.safetensors")
+        with pytest.raises(ValueError, match=match):
+            slora.load_adapter(target, folder)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         slora.load_adapter(target, tmp_path / "missing")
     untouched()

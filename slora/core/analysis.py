@@ -103,10 +103,12 @@ class _Calibration:
         self.mask_flat: Tensor | None = None
         self.mask_tokens = 0
         self.anchor: Tensor | None = None
+        self.last_input: tuple | None = None  # (x, version, Σx² of that call, ‖x_t‖²)
 
     def set_batch(self, batch: Any, device: torch.device) -> int:
         """Record the batch's padding mask; returns its number of real tokens (-1: no mask)."""
         mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        self.last_input = None
         for c in self.collectors.values():
             c.reset_batch()
         if mask is None:
@@ -132,9 +134,7 @@ class _Calibration:
             x2 = x.detach().reshape(-1, collector.d_in)
             row_mask, tokens = self._row_mask(x)
             collector.batch.tokens += tokens
-            x_token_sq = ops.accumulate_input_stats(
-                x2, row_mask, collector.batch.col_sq, backend=self.backend
-            )
+            x_token_sq = self.input_stats(x, x2, row_mask, collector.batch.col_sq)
             if self.estimator == "activation" or not torch.is_grad_enabled():
                 return None
             if not output.requires_grad:
@@ -158,6 +158,19 @@ class _Calibration:
             return output
 
         return hook
+
+    def input_stats(self, x: Tensor, x2: Tensor, row_mask: Tensor | None, col_sq: Tensor):
+        """Accumulate Σ x² into ``col_sq`` and return ‖x_t‖²; modules reading the same input
+        tensor (q/k/v, gate/up) reuse the reduction of the first one."""
+        last = self.last_input
+        if last is not None and last[0] is x and last[1] == x._version:
+            col_sq += last[2]
+            return last[3]
+        partial = torch.zeros_like(col_sq)
+        token_sq = ops.accumulate_input_stats(x2, row_mask, partial, backend=self.backend)
+        col_sq += partial
+        self.last_input = (x, x._version, partial, token_sq)
+        return token_sq
 
     def batch_is_finite(self) -> bool:
         checks = [c.batch_checksum() for c in self.collectors.values()]

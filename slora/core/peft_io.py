@@ -23,6 +23,12 @@ from torch import nn
 from slora.core.patch import get_state, lora_layers, patch, plan_for_ranks
 from slora.core.targets import is_linear_like, linear_dims
 
+_FLOAT_DTYPES = {
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+}
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -133,14 +139,22 @@ def read_adapter(adapter_dir: str | Path, base_model: nn.Module | None = None) -
         value = config.get(field_name)
         if not isinstance(value, (int, float)) or value <= 0:
             raise ValueError(f"{cfg_path}: {field_name!r} must be a positive number, got {value!r}")
+    # Pass 1 reads only the header: every check below runs on shape-only "meta" tensors, so a
+    # bad file is refused before any tensor memory is allocated.
     try:
         with safe_open(str(weights), framework="pt") as f:
-            keys = list(f.keys())
-            tensors = {k: f.get_tensor(k) for k in keys}
+            header = {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types on corruption
         raise ValueError(f"{weights}: corrupt or truncated safetensors file ({exc})") from exc
-    a, b, extra = {}, {}, {}
-    for key, value in tensors.items():
+    bad = {k: dt for k, (dt, _) in header.items() if dt not in _FLOAT_DTYPES}
+    if bad:
+        raise ValueError(f"{weights}: tensors must be floating point, got {bad}")
+    metas = {
+        k: torch.empty(shape, dtype=_FLOAT_DTYPES[dt], device="meta")
+        for k, (dt, shape) in header.items()
+    }
+    a, b, extra, where = {}, {}, {}, {}
+    for key, value in metas.items():
         if not key.startswith(PREFIX):
             raise ValueError(f"{weights}: tensor {key!r} does not start with {PREFIX!r}")
         inner = key[len(PREFIX) :]
@@ -151,6 +165,7 @@ def read_adapter(adapter_dir: str | Path, base_model: nn.Module | None = None) -
             b[inner[: -len(".lora_B.weight")]] = value
         else:
             extra[inner] = value
+        where[id(value)] = key
     if set(a) != set(b):
         missing = sorted(set(a) ^ set(b))
         raise ValueError(f"{weights}: lora_A/lora_B pairs incomplete for {', '.join(missing[:5])}")
@@ -175,6 +190,23 @@ def read_adapter(adapter_dir: str | Path, base_model: nn.Module | None = None) -
     adapter = AdapterFile(config, a, b, ranks, scales, extra)
     if base_model is not None:
         check_against_model(adapter, base_model)
+    # Pass 2: everything checked; now read the tensors.
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for group in (adapter.a, adapter.b, adapter.extra):
+                for name, meta in group.items():
+                    group[name] = f.get_tensor(where[id(meta)])
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"{weights}: corrupt or truncated safetensors file ({exc})") from exc
+    bad = [
+        n
+        for n in adapter.a
+        if not (adapter.a[n].isfinite().all() and adapter.b[n].isfinite().all())
+    ]
+    if bad:
+        raise ValueError(
+            f"{weights}: non-finite values (NaN/Inf) in the adapter of {', '.join(bad[:5])}"
+        )
     return adapter
 
 

@@ -226,9 +226,7 @@ class AdapterPool:
             weights = {}
             nbytes = 0
             for module, A in adapter.a.items():
-                B = adapter.b[module]
-                if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-                    raise ValueError(f"adapter {name!r}: {module} lora_A/lora_B hold NaN or Inf")
+                B = adapter.b[module]  # read_adapter has checked shapes and finiteness
                 packed = self._packed[module]
                 weights[module] = (
                     A.to(packed.dtype),

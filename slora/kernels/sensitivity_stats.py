@@ -85,24 +85,8 @@ def accumulate_fisher_exact_torch(
         diag += (dy2.t() @ x2).to(diag.device)
 
 
-def check_stat_inputs(x: Tensor, row_mask: Tensor | None, buffer: Tensor, dim: int) -> None:
-    """Shape checks shared by every backend (kept out of the hot path of the kernels)."""
-    if x.dim() != 2:
-        raise ValueError(f"expected a 2-D [tokens, features] tensor, got shape {tuple(x.shape)}")
-    if row_mask is not None and row_mask.shape != (x.shape[0],):
-        raise ValueError(
-            f"row_mask must have shape ({x.shape[0]},) to match the tensor's tokens, "
-            f"got {tuple(row_mask.shape)}"
-        )
-    if buffer.shape != (x.shape[dim],) or buffer.dtype != torch.float32:
-        raise ValueError(
-            f"accumulator must be float32 of shape ({x.shape[dim]},), "
-            f"got {buffer.dtype} {tuple(buffer.shape)}"
-        )
-
-
 # --------------------------------------------------------------------------------------------
-# Argument checks shared by the Triton and C++ backends.
+# Argument checks shared by every backend.
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
