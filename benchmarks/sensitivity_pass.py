@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"sensitivity_pass_{args.estimator}_cpu"
+    stem = f"sensitivity_pass_{args.estimator}_{result['backend']}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     (out / f"{stem}.md").write_text(
         f"```\n{text}\n```\n\nCommand: `python benchmarks/"

@@ -81,7 +81,9 @@ class Recipe:
     n_test: int | None = None  # None: every held-out sentence
     n_val: int = 1000
     avg_rank: float = 4
-    estimator: str = "fisher"
+    # The paper's estimator.  Its rank plan is stable (Kendall τ = 1.0 between 10 % and 100 % of
+    # the calibration data); Fisher next to a freshly initialised head gave τ = 0.956 (< 0.98).
+    estimator: str = "activation"
     calib_sentences: int = 512
     calib_batch_size: int = 16
     calib_head_epochs: int = 0  # > 0: train the head alone this many epochs before calibrating

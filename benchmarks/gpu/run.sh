@@ -30,7 +30,7 @@ step() {  # name, timeout seconds, command...
 }
 
 step cuda_tests 240 python3 -m pytest -q -x -m cuda tests/ -p no:cacheprovider
-step kernel_benchmarks 240 python3 -m pytest -q benchmarks/ --benchmark-only \
+step kernel_benchmarks 240 python3 -m pytest -q benchmarks/bench_*.py --benchmark-only \
   --benchmark-json="$OUT/benchmarks.json" -p no:cacheprovider
 step slora_bench 120 python3 -m slora.cli bench --out "$OUT"
 python3 benchmarks/gpu/summarize.py "$OUT" > "$OUT/summary.md" 2>&1

@@ -14,7 +14,7 @@ def main(folder: str) -> int:
     if steps.exists():
         lines += ["Steps (rc 0 = passed):", "", "```", steps.read_text().strip(), "```", ""]
     bench = out / "benchmarks.json"
-    if bench.exists():
+    if bench.exists() and bench.stat().st_size:
         data = json.loads(bench.read_text())
         lines += ["| benchmark | median µs | extra |", "| --- | ---: | --- |"]
         for b in data.get("benchmarks", []):
