@@ -156,45 +156,8 @@ def multi_lora(
     """
     from slora.kernels import multi_lora as ml
 
-    if not isinstance(packed, PackedAdapters):
-        raise TypeError(f"packed must be a PackedAdapters, got {type(packed).__name__}")
-    if x.dim() != 2 or x.shape[1] != packed.d_in:
-        raise ValueError(f"x must be [tokens, {packed.d_in}], got {tuple(x.shape)}")
-    if x.dtype != packed.dtype:
-        raise ValueError(f"x has dtype {x.dtype} but the adapters are {packed.dtype}")
-    if x.device != packed.A.device:
-        raise ValueError(f"x is on {x.device} but the adapters are on {packed.A.device}")
+    meta = ml.check_and_build_meta(x, token_slots, packed, seg_indptr, seg_slots, out)
     T = x.shape[0]
-    for name, t in (
-        ("token_slots", token_slots),
-        ("seg_indptr", seg_indptr),
-        ("seg_slots", seg_slots),
-    ):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    if seg_indptr is not None or seg_slots is not None:
-        if token_slots is not None:
-            raise ValueError("pass either token_slots or seg_indptr/seg_slots, not both")
-        if seg_indptr is None or seg_slots is None:
-            raise ValueError("seg_indptr and seg_slots must be given together")
-        meta = ml.build_segment_meta(seg_indptr, seg_slots, T, packed.max_slots)
-    elif token_slots is None:
-        raise ValueError("token_slots is required unless seg_indptr/seg_slots are given")
-    else:
-        if token_slots.dim() != 1 or token_slots.shape[0] != T:
-            raise ValueError(
-                f"token_slots must be 1-D with one slot per token ({T}), "
-                f"got shape {tuple(token_slots.shape)}"
-            )
-        meta = ml.build_token_meta(token_slots, packed.max_slots)
-    if out is not None:
-        if out.shape != (T, packed.d_out) or out.dtype not in (x.dtype, torch.float32):
-            raise ValueError(
-                f"out must be [{T}, {packed.d_out}] of dtype {x.dtype} or float32, "
-                f"got {out.dtype} {tuple(out.shape)}"
-            )
-        if out.device != x.device:
-            raise ValueError(f"out is on {out.device}, x on {x.device}")
     fn = implementation("multi_lora", x.device, backend)
     if torch.is_grad_enabled() and (
         x.requires_grad or packed.A.requires_grad or packed.Bt.requires_grad
@@ -221,18 +184,8 @@ def lora_slices(
     """
     from slora.kernels import multi_lora as ml
 
-    if not (len(As) == len(Bs) == len(scales)) or not As:
-        raise ValueError(
-            f"As, Bs and scales must be non-empty and of equal length, "
-            f"got {len(As)}, {len(Bs)}, {len(scales)}"
-        )
+    ml.check_slices(x, As, Bs, scales)
     d_in = x.shape[-1]
-    for s, (A, B) in enumerate(zip(As, Bs)):
-        if A.dim() != 2 or A.shape[1] != d_in or B.dim() != 2 or B.shape[1] != A.shape[0]:
-            raise ValueError(
-                f"slice {s}: expected A [r, {d_in}] and B [d_out, r], "
-                f"got A {tuple(A.shape)} and B {tuple(B.shape)}"
-            )
     lead = x.shape[:-1]
     x2 = x.reshape(-1, d_in)
     name = resolve_backend(x.device, backend)

@@ -450,6 +450,58 @@ def from_sglang(
 # PyTorch reference
 
 
+def check_and_build_meta(
+    x: Tensor,
+    token_slots: Tensor | None,
+    packed: PackedAdapters,
+    seg_indptr: Tensor | None,
+    seg_slots: Tensor | None,
+    out: Tensor | None,
+) -> LoRAMeta:
+    """Validate the arguments of ``slora.ops.multi_lora`` (naming the argument and what was
+    expected) and build the token-group metadata from the per-token or per-segment slots."""
+    if not isinstance(packed, PackedAdapters):
+        raise TypeError(f"packed must be a PackedAdapters, got {type(packed).__name__}")
+    if x.dim() != 2 or x.shape[1] != packed.d_in:
+        raise ValueError(f"x must be [tokens, {packed.d_in}], got {tuple(x.shape)}")
+    if x.dtype != packed.dtype:
+        raise ValueError(f"x has dtype {x.dtype} but the adapters are {packed.dtype}")
+    if x.device != packed.A.device:
+        raise ValueError(f"x is on {x.device} but the adapters are on {packed.A.device}")
+    T = x.shape[0]
+    for name, t in (
+        ("token_slots", token_slots),
+        ("seg_indptr", seg_indptr),
+        ("seg_slots", seg_slots),
+    ):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if seg_indptr is not None or seg_slots is not None:
+        if token_slots is not None:
+            raise ValueError("pass either token_slots or seg_indptr/seg_slots, not both")
+        if seg_indptr is None or seg_slots is None:
+            raise ValueError("seg_indptr and seg_slots must be given together")
+        meta = build_segment_meta(seg_indptr, seg_slots, T, packed.max_slots)
+    elif token_slots is None:
+        raise ValueError("token_slots is required unless seg_indptr/seg_slots are given")
+    else:
+        if token_slots.dim() != 1 or token_slots.shape[0] != T:
+            raise ValueError(
+                f"token_slots must be 1-D with one slot per token ({T}), "
+                f"got shape {tuple(token_slots.shape)}"
+            )
+        meta = build_token_meta(token_slots, packed.max_slots)
+    if out is not None:
+        if out.shape != (T, packed.d_out) or out.dtype not in (x.dtype, torch.float32):
+            raise ValueError(
+                f"out must be [{T}, {packed.d_out}] of dtype {x.dtype} or float32, "
+                f"got {out.dtype} {tuple(out.shape)}"
+            )
+        if out.device != x.device:
+            raise ValueError(f"out is on {out.device}, x on {x.device}")
+    return meta
+
+
 def multi_lora_torch(
     x: Tensor, meta: LoRAMeta, packed: PackedAdapters, out: Tensor, overwrite: bool = False
 ) -> Tensor:
@@ -766,6 +818,22 @@ class LoRASlicesFunction(torch.autograd.Function):
         dA_cat = dH.t() @ xf
         dAs = [g.to(A.dtype) for g, A in zip(dA_cat.split([a.shape[0] for a in As]), As)]
         return (dx, None, None, *dAs, *dBs)
+
+
+def check_slices(x: Tensor, As: Sequence[Tensor], Bs: Sequence[Tensor], scales) -> None:
+    """Validate the arguments of ``slora.ops.lora_slices``."""
+    d_in = x.shape[-1]
+    if not (len(As) == len(Bs) == len(scales)) or not As:
+        raise ValueError(
+            f"As, Bs and scales must be non-empty and of equal length, "
+            f"got {len(As)}, {len(Bs)}, {len(scales)}"
+        )
+    for s, (A, B) in enumerate(zip(As, Bs)):
+        if A.dim() != 2 or A.shape[1] != d_in or B.dim() != 2 or B.shape[1] != A.shape[0]:
+            raise ValueError(
+                f"slice {s}: expected A [r, {d_in}] and B [d_out, r], "
+                f"got A {tuple(A.shape)} and B {tuple(B.shape)}"
+            )
 
 
 def lora_slices_torch(
