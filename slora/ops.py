@@ -1,25 +1,38 @@
-"""The one dispatch point between slora's Python layers and its kernels.
+"""slora's public op surface: thin wrappers over ops registered with PyTorch's dispatcher.
 
 Every op has implementations per backend — ``triton`` (CUDA, or the CPU under
 ``TRITON_INTERPRET=1``), ``cpp`` (the native CPU ops built from ``csrc/``) and ``torch`` (the
-plain PyTorch reference) — registered in ``_IMPLEMENTATIONS`` as ``"module:function"`` so that
-optional dependencies are imported only when used.  The backend is chosen, in order, by the
-``backend=`` argument, the ``SLORA_BACKEND`` environment variable, and the device (Triton on
-CUDA, the C++ op on the CPU when it builds, else PyTorch).  An op that has no implementation
-for the chosen backend runs its PyTorch reference.
+plain PyTorch reference).  The backend is chosen, in order, by the ``backend=`` argument, the
+``SLORA_BACKEND`` environment variable, and the device (Triton on CUDA, the C++ op on the CPU
+when it builds, else PyTorch); see ``slora.kernels.backend``.  The ops, their schemas and the
+kernel contract are described in docs/kernels.md.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
-import os
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-BACKENDS = ("triton", "cpp", "torch")
+from slora.kernels.backend import BACKENDS, resolve_backend
+
+__all__ = [
+    "BACKENDS",
+    "LoRAMeta",
+    "PackedAdapters",
+    "accumulate_fisher_exact",
+    "accumulate_grad_stats",
+    "accumulate_input_stats",
+    "build_segment_meta",
+    "build_token_meta",
+    "implementation",
+    "lora_slices",
+    "multi_lora",
+    "resolve_backend",
+]
 
 _IMPLEMENTATIONS: dict[str, dict[str, str]] = {
     "input_stats": {
@@ -36,57 +49,7 @@ _IMPLEMENTATIONS: dict[str, dict[str, str]] = {
         "triton": "slora.kernels.sensitivity_stats:accumulate_fisher_exact_triton",
         "torch": "slora.kernels.sensitivity_stats:accumulate_fisher_exact_torch",
     },
-    "multi_lora": {
-        "triton": "slora.kernels.multi_lora:multi_lora_triton",
-        "cpp": "slora.kernels.native_ops:multi_lora_cpp",
-        "torch": "slora.kernels.multi_lora:multi_lora_torch",
-    },
 }
-
-
-@functools.cache
-def _triton_usable(device_type: str) -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    if device_type == "cuda":
-        return True
-    return os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
-
-
-@functools.cache
-def _native_usable() -> bool:
-    from slora.kernels import native_ops
-
-    return native_ops.available()
-
-
-def resolve_backend(device: torch.device | str, backend: str | None = None) -> str:
-    """Name of the backend that runs ops on ``device`` (see the module docstring)."""
-    device_type = torch.device(device).type
-    requested = backend or os.environ.get("SLORA_BACKEND") or None
-    if requested is not None:
-        if requested not in BACKENDS:
-            raise ValueError(
-                f"unknown backend {requested!r} (from "
-                f"{'backend=' if backend else 'SLORA_BACKEND'}); expected one of {BACKENDS}"
-            )
-        if requested == "triton" and not _triton_usable(device_type):
-            raise RuntimeError(
-                f"backend 'triton' requested for a {device_type} tensor, but Triton is not "
-                "importable or, on the CPU, TRITON_INTERPRET=1 is not set"
-            )
-        if requested == "cpp" and device_type != "cpu":
-            raise RuntimeError(f"backend 'cpp' runs on the CPU only, got a {device_type} tensor")
-        if requested == "cpp" and not _native_usable():
-            raise RuntimeError("backend 'cpp' requested but the native ops could not be built")
-        return requested
-    if device_type == "cuda" and _triton_usable("cuda"):
-        return "triton"
-    if device_type == "cpu" and _native_usable():
-        return "cpp"
-    return "torch"
 
 
 @functools.cache
@@ -132,9 +95,17 @@ def accumulate_fisher_exact(
 
 
 # --------------------------------------------------------------------------------------------
-# Grouped heterogeneous-rank LoRA (SPEC §4); see slora/kernels/multi_lora.py for the layout.
+# Grouped heterogeneous-rank LoRA: slora/kernels/multi_lora/ (contract in docs/kernels.md).
 
-from slora.kernels.multi_lora import PackedAdapters  # noqa: E402
+from slora.kernels.multi_lora import (  # noqa: E402
+    LoRAMeta,
+    PackedAdapters,
+    build_segment_meta,
+    build_token_meta,
+)
+from slora.kernels.multi_lora import library as _ml_lib  # noqa: E402
+from slora.kernels.multi_lora import meta as _ml_meta  # noqa: E402
+from slora.kernels.multi_lora import slices as _ml_slices  # noqa: E402
 
 
 def multi_lora(
@@ -144,30 +115,36 @@ def multi_lora(
     *,
     seg_indptr: Tensor | None = None,
     seg_slots: Tensor | None = None,
+    meta: LoRAMeta | None = None,
     out: Tensor | None = None,
     backend: str | None = None,
 ) -> Tensor:
     """``y_t += scale · B_slot(t) (A_slot(t) x_t)`` for every token, all adapters in one launch.
 
-    ``x`` is ``[T, d_in]``; slots come per token (``token_slots`` [T], −1 = none, any order)
-    or per prefill segment (``seg_indptr`` [G+1], ``seg_slots`` [G], with ``token_slots=None``).
-    Returns ``out`` (``[T, Σ slice d_out]``, updated in place) or a new delta tensor.  Carries
-    gradients for x, ``packed.A`` and ``packed.Bt`` when they require them.
+    ``x`` is ``[T, d_in]``; slots come per token (``token_slots`` [T], −1 = none, any order),
+    per prefill segment (``seg_indptr`` [G+1], ``seg_slots`` [G], with ``token_slots=None``),
+    or as a prebuilt ``meta`` (:func:`build_token_meta` / :func:`build_segment_meta`, built
+    once per batch and reused for every layer; nothing else is then checked against values,
+    so the call traces with ``torch.compile(fullgraph=True)`` and captures in CUDA graphs).
+    Returns ``out`` (``[T, Σ slice d_out]``, updated in place by ``slora::multi_lora_add``)
+    or a new delta (``slora::multi_lora``), with gradients for x, ``packed.A`` and
+    ``packed.Bt`` when they require them.
     """
-    from slora.kernels import multi_lora as ml
-
-    meta = ml.check_and_build_meta(x, token_slots, packed, seg_indptr, seg_slots, out)
-    T = x.shape[0]
-    fn = implementation("multi_lora", x.device, backend)
+    if meta is None:
+        meta = _ml_meta.check_and_build_meta(x, token_slots, packed, seg_indptr, seg_slots, out)
+    else:
+        _ml_meta.check_call(x, packed, meta, out)
+    args = _ml_lib.op_args(packed.weights(), meta)
+    name = backend or ""
     if torch.is_grad_enabled() and (
         x.requires_grad or packed.A.requires_grad or packed.Bt.requires_grad
     ):
-        delta = ml.multi_lora_autograd(x, meta, packed, fn)
+        delta = torch.ops.slora.multi_lora(x, *args, name)
         return delta if out is None else out.add_(delta)
-    if out is None:  # the backend writes every element: no zero-fill pass
-        out = torch.empty(T, packed.d_out, dtype=x.dtype, device=x.device)
-        return fn(x, meta, packed, out, overwrite=True)
-    return fn(x, meta, packed, out)
+    if out is None:
+        return torch.ops.slora.multi_lora(x, *args, name)
+    torch.ops.slora.multi_lora_add(x, *args, name, out)
+    return out
 
 
 def lora_slices(
@@ -177,22 +154,18 @@ def lora_slices(
     scales: list[float] | tuple[float, ...],
     backend: str | None = None,
 ) -> Tensor:
-    """The LoRA branches of modules sharing one input (q/k/v, gate/up) in one grouped call.
+    """The LoRA branches of modules sharing one input (q/k/v, gate/up) in one grouped op.
 
     ``x`` is ``[..., d_in]``; slice s has ``A_s`` [r_s, d_in] and ``B_s`` [d_out_s, r_s]
-    (r_s may differ, may be 0).  Returns ``[..., Σ d_out_s]`` with gradients for x, A_s, B_s.
+    (r_s may differ, may be 0).  Returns ``[..., Σ d_out_s]`` with gradients for x, A_s, B_s
+    (``slora::lora_slices``: one adapter's slices are dense GEMMs on every backend, so
+    ``backend`` is only validated).
     """
-    from slora.kernels import multi_lora as ml
-
-    ml.check_slices(x, As, Bs, scales)
-    d_in = x.shape[-1]
+    _ml_slices.check_slices(x, As, Bs, scales)
+    if backend is not None:
+        resolve_backend(x.device, backend)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, d_in)
-    name = resolve_backend(x.device, backend)
-    if name == "torch" or any(w.dtype != x.dtype for w in (*As, *Bs)):
-        fn = ml.lora_slices_torch
-    else:
-        fn = ml.lora_slices_with(implementation("multi_lora", x.device, name))
-
-    y = ml.LoRASlicesFunction.apply(x2, tuple(float(s) for s in scales), fn, *As, *Bs)
+    y, _ = torch.ops.slora.lora_slices(
+        x.reshape(-1, x.shape[-1]), list(As), list(Bs), [float(s) for s in scales]
+    )
     return y.reshape(*lead, y.shape[-1])

@@ -1,26 +1,66 @@
-"""Compile-only check of the CUDA decode kernel (csrc/multi_lora_decode.cu) for sm_90.
+"""Ahead-of-time compile of the multi-LoRA Triton kernels for sm_90 (Hopper), no GPU needed:
+catches lowering errors the interpreter cannot, and checks shared memory fits an H100/H200."""
 
-Runs on machines without a GPU: nvcc only compiles.  Skipped when nvcc is absent.
-"""
-
-import shutil
+import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parent.parent / "csrc" / "multi_lora_decode.cu"
+_AOT = r"""
+import json, os
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from slora.kernels.multi_lora.triton_expand import expand_kernel
+from slora.kernels.multi_lora.triton_shrink import shrink_kernel
+
+def build(kernel, sig, const):
+    sig = dict(sig, **{n: "constexpr" for n in const})
+    idx = {(kernel.arg_names.index(n),): v for n, v in const.items()}
+    out = triton.compile(ASTSource(kernel, sig, idx), target=GPUTarget("cuda", 90, 32))
+    return {"cubin": len(out.asm["cubin"]), "shared": out.metadata.shared,
+            "mma": "mma" in out.asm["ptx"]}
+
+i32 = lambda *n: {k: "i32" for k in n}
+groups = {"order_ptr": "*i64", "tile_group_ptr": "*i32", "tile_first_ptr": "*i32",
+          "group_slot_ptr": "*i64", "group_start_ptr": "*i64", "group_len_ptr": "*i64",
+          "rank_ptr": "*i32"}
+res = {}
+for dt, prec, bk in (("bf16", "tf32", 64), ("fp32", "ieee", 32)):
+    for has_order in (True, False):
+        sig = {"x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "h_ptr": "*fp32", **groups,
+               "aoff_ptr": "*i32", "scale_ptr": "*fp32",
+               **i32("d_in", "stride_x", "n_slices", "h_stride_t", "h_stride_s")}
+        const = {"HAS_ORDER": has_order, "PRECISION": prec, "UPCAST": False,
+                 "BM": 16, "BR": 16, "BK": bk}
+        res[f"shrink_{dt}_{has_order}"] = build(shrink_kernel, sig, const)
+        sig = {"h_ptr": "*fp32", "bt_ptr": f"*{dt}", "out_ptr": f"*{dt}", **groups,
+               "boff_ptr": "*i64", "dout_ptr": "*i32", "col_ptr": "*i32",
+               **i32("stride_out", "n_slices", "h_stride_t", "h_stride_s")}
+        const = {"HAS_ORDER": has_order, "PRECISION": prec, "BM": 16, "BR": 16, "BN": 64}
+        res[f"expand_{dt}_{has_order}"] = build(expand_kernel, sig, const)
+print(json.dumps(res))
+"""
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-def test_multi_lora_decode_compiles_for_sm90(tmp_path):
-    obj = tmp_path / "multi_lora_decode.o"
-    cmd = ["nvcc", "-O3", "-arch=sm_90", "-Werror", "all-warnings", "-c", str(SRC), "-o", str(obj)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert obj.stat().st_size > 0
-    # the launcher the ctypes wrapper calls is exported with C linkage
-    if shutil.which("nm") is None:
-        return
-    symbols = subprocess.run(["nm", str(obj)], capture_output=True, text=True).stdout
-    assert " T slora_multi_lora_decode" in symbols
+def test_multi_lora_triton_kernels_compile_for_sm90(tmp_path):
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    root = Path(__file__).resolve().parent.parent
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-c", _AOT], capture_output=True, text=True, timeout=600, env=env, cwd=root
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(res) == 8
+    for name, info in res.items():
+        assert info["cubin"] > 0, name
+        assert info["shared"] <= 227 * 1024, (name, info["shared"])
+        if "bf16" in name:  # fp32 runs in "ieee" precision: no tensor cores by design
+            assert info["mma"], f"{name}: tl.dot did not lower to tensor-core MMA"

@@ -1,21 +1,51 @@
-"""JIT build of the native ops in ``csrc/`` (pybind11 + ninja via torch's extension tooling).
+"""The one native build of ``csrc/``: every op family's C++ and CUDA sources in one extension.
 
-Each op file in ``csrc/`` is its own small extension, built on first use and cached under
-``$SLORA_CACHE`` (default ``~/.cache/slora``), keyed by the torch version, so installing slora
-never needs a compiler and never pulls torch into a build environment.  When the build is
-impossible (no compiler, no ninja) slora warns once and the dispatcher falls back to PyTorch.
-Set ``SLORA_NO_NATIVE=1`` to skip native ops altogether.
+The extension is JIT-built on first use (torch's extension tooling: ninja, the host compiler and,
+for CUDA sources, nvcc) and cached under ``$SLORA_CACHE`` (default ``~/.cache/slora``), keyed by
+the torch version and the set of sources, so installing slora never needs a compiler and never
+pulls torch into a build environment.  CUDA sources are compiled only when torch has CUDA, a
+device is visible and nvcc is found, for the architecture of the current device
+(``TORCH_CUDA_ARCH_LIST`` overrides it).  When the build is impossible slora warns once and the
+ops fall back to PyTorch.  ``SLORA_NO_NATIVE=1`` skips native code altogether.
+
+Adding an op family's sources:
+
+1. put them in ``csrc/`` and list them in :data:`FAMILIES` (``cpu``: always built; ``cuda``:
+   ``.cu`` files and their ``.cpp`` bindings, built only for CUDA);
+2. give each family a ``void register_<family>(pybind11::module_& m)`` that adds its
+   functions (and, for CUDA sources, ``register_<family>_cuda``), and call it from
+   ``csrc/bindings.cpp`` (CUDA ones inside ``#ifdef SLORA_WITH_CUDA``, which this loader
+   defines when it compiles CUDA sources);
+3. call the functions through :func:`extension` from the family's Python backend, inside the
+   family's registered ``torch.library`` op (docs/kernels.md, "Adding a backend").
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 import torch
+
+
+@dataclass(frozen=True)
+class NativeSources:
+    """The ``csrc/`` files of one op family."""
+
+    cpu: tuple[str, ...] = ()
+    cuda: tuple[str, ...] = ()
+
+
+FAMILIES: dict[str, NativeSources] = {
+    "multi_lora": NativeSources(cpu=("multi_lora_cpu.cpp",)),
+    "sensitivity": NativeSources(cpu=("sensitivity_cpu.cpp",)),
+}
 
 _warned = False
 
@@ -37,36 +67,70 @@ def cache_dir(name: str) -> Path:
     return path
 
 
-@functools.cache
-def load_extension(name: str, sources: tuple[str, ...]) -> ModuleType | None:
-    """Build (once, cached) and import the CPU extension ``name`` from ``csrc/`` sources.
+def cuda_build_possible() -> bool:
+    """Whether CUDA sources can be built and run here (torch with CUDA, a device, nvcc)."""
+    if torch.version.cuda is None or not torch.cuda.is_available():
+        return False
+    from torch.utils.cpp_extension import CUDA_HOME
 
-    Returns None, with a single warning per process, if it cannot be built.
-    """
+    return CUDA_HOME is not None or shutil.which("nvcc") is not None
+
+
+def _cuda_arch() -> str:
+    """``TORCH_CUDA_ARCH_LIST`` if set, else the current device's compute capability."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    major, minor = torch.cuda.get_device_capability()
+    return f"{major}.{minor}"
+
+
+def _warn(exc: Exception) -> None:
     global _warned
+    if not _warned:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        warnings.warn(
+            f"slora: the native C++ ops could not be built ({type(exc).__name__}: {first}); "
+            "falling back to PyTorch. Install a C++ compiler and `pip install ninja` to "
+            "enable them.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        _warned = True
+
+
+@functools.cache
+def extension() -> ModuleType | None:
+    """The built and imported native extension (cached), or None (one warning per process)."""
     if os.environ.get("SLORA_NO_NATIVE", "") not in ("", "0"):
         return None
+    with_cuda = cuda_build_possible()
+    sources = ["bindings.cpp"]
+    for family in FAMILIES.values():
+        sources += family.cpu + (family.cuda if with_cuda else ())
+    key = hashlib.sha1("\n".join(sources).encode()).hexdigest()[:8]
+    name = f"slora_native_{'cuda_' if with_cuda else ''}{key}"
     try:
         from torch.utils.cpp_extension import load
 
-        paths = [str(csrc_dir() / s) for s in sources]
-        flags = ["-O3", "-fopenmp", "-march=native", "-ffp-contract=fast"]
+        defines = ["-DSLORA_WITH_CUDA"] if with_cuda else []
+        kwargs: dict = {}
+        if with_cuda:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = _cuda_arch()
+            kwargs["extra_cuda_cflags"] = ["-O3", *defines]
         return load(
             name=name,
-            sources=paths,
-            extra_cflags=flags,
+            sources=[str(csrc_dir() / s) for s in sources],
+            extra_cflags=["-O3", "-fopenmp", "-march=native", "-ffp-contract=fast", *defines],
             extra_ldflags=["-fopenmp"],
             build_directory=str(cache_dir(name)),
             verbose=os.environ.get("SLORA_VERBOSE_BUILD", "") not in ("", "0"),
+            **kwargs,
         )
     except Exception as exc:  # noqa: BLE001 - any build failure means "fall back"
-        if not _warned:
-            warnings.warn(
-                f"slora: the native C++ ops could not be built ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}); falling back to PyTorch. "
-                "Install a C++ compiler and `pip install ninja` to enable them.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            _warned = True
+        _warn(exc)
         return None
+
+
+def available() -> bool:
+    """Whether the native extension built (building it on first call)."""
+    return extension() is not None

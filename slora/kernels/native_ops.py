@@ -1,7 +1,8 @@
-"""Python face of the native CPU ops in ``csrc/`` (backend ``cpp``).
+"""Python face of the native sensitivity ops in ``csrc/`` (backend ``cpp``).
 
-Each function here has the signature of the PyTorch reference it replaces.  The extension is
-JIT-built on first use (see ``_native.py``); ``available()`` says whether that worked.
+Each function here has the signature of the PyTorch reference it replaces.  The one native
+extension is JIT-built on first use (see ``_native.py``); ``available()`` says whether that
+worked.  The multi-LoRA family's backend lives in ``slora/kernels/multi_lora/cpp_backend.py``.
 """
 
 from __future__ import annotations
@@ -9,23 +10,12 @@ from __future__ import annotations
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from slora.kernels._native import load_extension
+from slora.kernels._native import available, extension
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-# Source files of the CPU extension; each op adds its .cpp here.
-_CPU_SOURCES: tuple[str, ...] = ("bindings.cpp", "multi_lora_cpu.cpp", "sensitivity_cpu.cpp")
-
-
-def extension() -> ModuleType | None:
-    if not _CPU_SOURCES:
-        return None
-    return load_extension("slora_cpu", _CPU_SOURCES)
-
-
-def available() -> bool:
-    return extension() is not None
+__all__ = ["available", "extension"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,40 +62,6 @@ def accumulate_grad_stats_cpp(
         row_sq += target
     if trace_buf is not trace:
         trace.copy_(trace_buf)
-
-
-# --------------------------------------------------------------------------------------------
-# Grouped heterogeneous-rank LoRA (csrc/multi_lora_cpu.cpp); semantics in slora/kernels/multi_lora.
-
-
-def multi_lora_cpp(x, meta, packed, out, overwrite=False):  # noqa: ANN001 - as multi_lora_torch
-    """C++ backend of ``multi_lora_torch``: ``out += delta`` (``out = delta`` with
-    ``overwrite``, so a fresh ``out`` needs no zeroing), shrink + expand fused per chunk of a
-    group's tokens, OpenMP over chunks (``torch.get_num_threads()`` threads)."""
-    import torch
-
-    ext = extension()
-    if ext is None:
-        raise RuntimeError("backend 'cpp' requested but the native ops could not be built")
-    order = meta.order if meta.order is not None else torch.empty(0, dtype=torch.int64)
-    ext.multi_lora(
-        x if x.stride(1) == 1 else x.contiguous(),
-        packed.A.detach(),
-        packed.Bt.detach(),
-        order,
-        meta.group_slot,
-        meta.group_start,
-        meta.group_len,
-        packed.ranks,
-        packed.a_offsets,
-        packed.b_offsets,
-        packed.scales,
-        list(packed.slice_sizes),
-        list(packed.col_starts),
-        out,
-        overwrite,
-    )
-    return out
 
 
 def cuda_reductions() -> ModuleType | None:

@@ -1,0 +1,180 @@
+"""The multi-LoRA family's ops in PyTorch's dispatcher (``torch.library``), with fake
+implementations for tracing, autograd and declared mutations (docs/kernels.md, "Registered
+ops"):
+
+- ``slora::multi_lora(x, <weights>, <meta>, backend) -> Tensor``: the delta, differentiable
+  in x, A and Bt;
+- ``slora::multi_lora_add(x, <weights>, <meta>, backend, out) -> ()``: ``out += delta`` in
+  place (``out`` declared mutated), for servers;
+- ``slora::multi_lora_backward(grad, x, <weights>, <meta>, needs) -> (dx, dA, dBt)``.
+
+``<weights>`` is ``A, Bt, ranks, a_offsets, b_offsets, scales, slice_d_out, slice_col,
+slice_sizes, max_rank`` (a :class:`KernelWeights`) and ``<meta>`` is ``order, group_slot,
+group_start, group_len`` (a :class:`LoRAMeta`).  ``backend`` ('' = default) names the kernel:
+the op resolves it when it runs (``slora.kernels.multi_lora.backends``), so the choice never
+enters a traced graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from slora.kernels.multi_lora.backends import backward_kernel, forward_kernel
+from slora.kernels.multi_lora.meta import LoRAMeta
+from slora.kernels.multi_lora.packed import KernelWeights
+
+# --------------------------------------------------------------------------------------------
+# Raw-tensor signatures <-> KernelWeights / LoRAMeta
+
+
+def _weights(A, Bt, ranks, a_offsets, b_offsets, scales, slice_d_out, slice_col, sizes, r_max):  # noqa: ANN001
+    return KernelWeights(
+        A, Bt, ranks, a_offsets, b_offsets, scales, slice_d_out, slice_col, list(sizes), r_max
+    )
+
+
+def _meta(num_tokens: int, order, group_slot, group_start, group_len) -> LoRAMeta:  # noqa: ANN001
+    return LoRAMeta(num_tokens, order, group_slot, group_start, group_len)
+
+
+def op_args(w: KernelWeights, meta: LoRAMeta) -> tuple:
+    """The positional weight and metadata arguments of the ops, in schema order."""
+    return (*w, meta.order, meta.group_slot, meta.group_start, meta.group_len)
+
+
+# --------------------------------------------------------------------------------------------
+# slora::multi_lora (functional, differentiable)
+
+
+@torch.library.custom_op("slora::multi_lora", mutates_args=())
+def multi_lora_op(
+    x: Tensor,
+    A: Tensor,
+    Bt: Tensor,
+    ranks: Tensor,
+    a_offsets: Tensor,
+    b_offsets: Tensor,
+    scales: Tensor,
+    slice_d_out: Tensor,
+    slice_col: Tensor,
+    slice_sizes: list[int],
+    max_rank: int,
+    order: Tensor | None,
+    group_slot: Tensor,
+    group_start: Tensor,
+    group_len: Tensor,
+    backend: str,
+) -> Tensor:
+    w = _weights(A, Bt, ranks, a_offsets, b_offsets, scales, slice_d_out, slice_col,
+                 slice_sizes, max_rank)  # fmt: skip
+    meta = _meta(x.shape[0], order, group_slot, group_start, group_len)
+    out = torch.empty(x.shape[0], sum(slice_sizes), dtype=x.dtype, device=x.device)
+    return forward_kernel(x.device, backend)(x, w, meta, out, overwrite=True)
+
+
+@multi_lora_op.register_fake
+def _(x, A, Bt, ranks, a_offsets, b_offsets, scales, slice_d_out, slice_col, slice_sizes,
+      max_rank, order, group_slot, group_start, group_len, backend):  # noqa: ANN001 # fmt: skip
+    return x.new_empty(x.shape[0], sum(slice_sizes))
+
+
+def _setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, A, Bt, *rest = inputs
+    tensors = [t for t in rest if isinstance(t, Tensor)]
+    ctx.save_for_backward(x, A, Bt, *tensors)
+    ctx.has_order = inputs[11] is not None
+    ctx.slice_sizes, ctx.max_rank = inputs[9], inputs[10]
+
+
+def _backward(ctx, grad):  # noqa: ANN001
+    x, A, Bt, ranks, a_off, b_off, scales, d_out, col, *meta = ctx.saved_tensors
+    order = meta.pop(0) if ctx.has_order else None
+    needs = list(ctx.needs_input_grad[:3])
+    dx, dA, dBt = torch.ops.slora.multi_lora_backward(
+        grad, x, A, Bt, ranks, a_off, b_off, scales, d_out, col, ctx.slice_sizes,
+        ctx.max_rank, order, *meta, needs,
+    )  # fmt: skip
+    grads = [g if need else None for g, need in zip((dx, dA, dBt), needs)]
+    return (*grads, *([None] * 13))
+
+
+torch.library.register_autograd("slora::multi_lora", _backward, setup_context=_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# slora::multi_lora_add (in place into out)
+
+
+@torch.library.custom_op("slora::multi_lora_add", mutates_args=("out",))
+def multi_lora_add_op(
+    x: Tensor,
+    A: Tensor,
+    Bt: Tensor,
+    ranks: Tensor,
+    a_offsets: Tensor,
+    b_offsets: Tensor,
+    scales: Tensor,
+    slice_d_out: Tensor,
+    slice_col: Tensor,
+    slice_sizes: list[int],
+    max_rank: int,
+    order: Tensor | None,
+    group_slot: Tensor,
+    group_start: Tensor,
+    group_len: Tensor,
+    backend: str,
+    out: Tensor,
+) -> None:
+    w = _weights(A, Bt, ranks, a_offsets, b_offsets, scales, slice_d_out, slice_col,
+                 slice_sizes, max_rank)  # fmt: skip
+    meta = _meta(x.shape[0], order, group_slot, group_start, group_len)
+    forward_kernel(x.device, backend)(x, w, meta, out)
+
+
+@multi_lora_add_op.register_fake
+def _(x, A, Bt, ranks, a_offsets, b_offsets, scales, slice_d_out, slice_col, slice_sizes,
+      max_rank, order, group_slot, group_start, group_len, backend, out):  # noqa: ANN001 # fmt: skip
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# slora::multi_lora_backward
+
+
+@torch.library.custom_op("slora::multi_lora_backward", mutates_args=())
+def multi_lora_backward_op(
+    grad: Tensor,
+    x: Tensor,
+    A: Tensor,
+    Bt: Tensor,
+    ranks: Tensor,
+    a_offsets: Tensor,
+    b_offsets: Tensor,
+    scales: Tensor,
+    slice_d_out: Tensor,
+    slice_col: Tensor,
+    slice_sizes: list[int],
+    max_rank: int,
+    order: Tensor | None,
+    group_slot: Tensor,
+    group_start: Tensor,
+    group_len: Tensor,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    w = _weights(A, Bt, ranks, a_offsets, b_offsets, scales, slice_d_out, slice_col,
+                 slice_sizes, max_rank)  # fmt: skip
+    meta = _meta(x.shape[0], order, group_slot, group_start, group_len)
+    grads = backward_kernel(x.device)(grad, x, w, meta, tuple(needs))
+    return tuple(  # type: ignore[return-value]
+        g.to(like.dtype) if g is not None else like.new_empty(0)
+        for g, like in zip(grads, (x, A, Bt))
+    )
+
+
+@multi_lora_backward_op.register_fake
+def _(grad, x, A, Bt, ranks, a_offsets, b_offsets, scales, slice_d_out, slice_col,
+      slice_sizes, max_rank, order, group_slot, group_start, group_len, needs):  # noqa: ANN001 # fmt: skip
+    return tuple(
+        torch.empty_like(t) if need else t.new_empty(0) for t, need in zip((x, A, Bt), needs)
+    )

@@ -1,0 +1,187 @@
+"""Token-group metadata of the grouped LoRA ops (layout: docs/kernels.md).
+
+Tokens are visited in *groups* of one slot: either the slots' own groups after a stable sort
+of the per-token slots (decode, any token order), or the caller's prefill segments
+(``seg_indptr``, ``seg_slots``) in place.  Builders use only fixed-shape device ops and no host
+synchronisation, so a server can build a :class:`LoRAMeta` once per step, reuse it for every
+layer, and capture it in a CUDA graph or a ``torch.compile`` graph.  Value checks raise
+``ValueError`` in eager mode on the CPU and become device asserts on CUDA and under
+``torch.compile``.  Converters accept vLLM's ``token_lora_mapping`` and SGLang's
+``seg_indptr`` / ``weight_indices`` / ``lora_ranks``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from slora.kernels.multi_lora.packed import PackedAdapters
+
+
+@dataclass(frozen=True)
+class LoRAMeta:
+    """Token groups of one slot each: tokens ``order[start : start + len]`` use ``slot``.
+
+    ``order`` (int64 [T]) is None when groups index the tokens directly (segment form).
+    ``group_slot`` (−1 = no adapter), ``group_start`` and ``group_len`` are int64 [G].
+    """
+
+    num_tokens: int
+    order: Tensor | None
+    group_slot: Tensor
+    group_start: Tensor
+    group_len: Tensor
+
+
+def _check_int_vector(t: Tensor, name: str, length: int | None = None) -> None:
+    if t.dim() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise ValueError(f"{name} must be a 1-D integer tensor, got {t.dtype} {tuple(t.shape)}")
+    if length is not None and t.shape[0] != length:
+        raise ValueError(f"{name} must have length {length}, got {t.shape[0]}")
+
+
+def _check(cond: Tensor, message: str) -> None:
+    """Value check: an immediate ValueError in eager mode on the CPU; a sync-free device
+    assert on CUDA and under ``torch.compile`` (no host read in a traced graph)."""
+    if cond.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(cond):
+            raise ValueError(message)
+    else:
+        torch._assert_async(cond, message)
+
+
+def build_token_meta(token_slots: Tensor, max_slots: int, *, validate: bool = True) -> LoRAMeta:
+    """Groups of per-token slots (−1 = none, any order): a stable sort by slot and per-slot
+    counts — fixed shapes, no host sync."""
+    _check_int_vector(token_slots, "token_slots")
+    slots = token_slots.long()
+    message = f"token_slots: every slot must be in [-1, {max_slots}) (−1 = no adapter)"
+    if validate and slots.numel():
+        _check(((slots >= -1) & (slots < max_slots)).all(), message)
+    key = slots.where(slots >= 0, max_slots)
+    order = torch.sort(key, stable=True).indices
+    # counts into a fixed-size buffer (bincount sizes its output from the data: a host sync)
+    counts = torch.zeros(max_slots + 1, dtype=torch.int64, device=slots.device)
+    counts.index_add_(0, key, torch.ones_like(key))
+    starts = torch.cumsum(counts, 0) - counts
+    group_slot = torch.arange(max_slots, dtype=torch.int64, device=slots.device)
+    return LoRAMeta(slots.shape[0], order, group_slot, starts[:max_slots], counts[:max_slots])
+
+
+def build_segment_meta(
+    seg_indptr: Tensor, seg_slots: Tensor, num_tokens: int, max_slots: int, *, validate: bool = True
+) -> LoRAMeta:
+    """Groups from prefill segments: tokens ``seg_indptr[i] : seg_indptr[i+1]`` use
+    ``seg_slots[i]`` (−1 = none); segments must cover the tokens in order."""
+    _check_int_vector(seg_indptr, "seg_indptr")
+    if seg_indptr.shape[0] < 1:
+        raise ValueError("seg_indptr must have at least one entry (it starts with 0)")
+    _check_int_vector(seg_slots, "seg_slots", seg_indptr.shape[0] - 1)
+    indptr = seg_indptr.long()
+    slots = seg_slots.long()
+    if validate:
+        _check(
+            (indptr[0] == 0) & (indptr[-1] == num_tokens) & (indptr.diff() >= 0).all(),
+            f"seg_indptr must be non-decreasing from 0 to the number of tokens ({num_tokens}): "
+            "the segments must cover the tokens",
+        )
+        if slots.numel():
+            _check(
+                ((slots >= -1) & (slots < max_slots)).all(),
+                f"seg_slots: every slot must be in [-1, {max_slots}) (−1 = no adapter)",
+            )
+    return LoRAMeta(num_tokens, None, slots, indptr[:-1], indptr.diff())
+
+
+def from_vllm(token_lora_mapping: Tensor, max_slots: int) -> LoRAMeta:
+    """Metadata from vLLM's per-token ``token_lora_mapping`` (−1 = no LoRA)."""
+    return build_token_meta(token_lora_mapping, max_slots)
+
+
+def from_sglang(
+    seg_indptr: Tensor,
+    weight_indices: Tensor,
+    lora_ranks: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(seg_indptr, seg_slots)`` from SGLang's batch info: ``weight_indices`` gives each
+    segment's slot; slots whose ``lora_ranks`` entry is 0 (SGLang's base-model slot) become −1."""
+    _check_int_vector(seg_indptr, "seg_indptr")
+    _check_int_vector(weight_indices, "weight_indices", seg_indptr.shape[0] - 1)
+    slots = weight_indices.long()
+    if lora_ranks is not None:
+        _check_int_vector(lora_ranks, "lora_ranks")
+        safe = slots.clamp(0, max(lora_ranks.shape[0] - 1, 0))
+        slots = torch.where(lora_ranks.long()[safe] == 0, torch.full_like(slots, -1), slots)
+    return seg_indptr.long(), slots
+
+
+def check_call(x: Tensor, packed: PackedAdapters, meta: LoRAMeta, out: Tensor | None) -> None:
+    """Checks of shapes, dtypes and devices (no values: traceable) for a call with ``meta``."""
+    if not isinstance(packed, PackedAdapters):
+        raise TypeError(f"packed must be a PackedAdapters, got {type(packed).__name__}")
+    if x.dim() != 2 or x.shape[1] != packed.d_in:
+        raise ValueError(f"x must be [tokens, {packed.d_in}], got {tuple(x.shape)}")
+    if x.dtype != packed.dtype:
+        raise ValueError(f"x has dtype {x.dtype} but the adapters are {packed.dtype}")
+    if x.device != packed.A.device:
+        raise ValueError(f"x is on {x.device} but the adapters are on {packed.A.device}")
+    if not isinstance(meta, LoRAMeta):
+        raise TypeError(f"meta must be a LoRAMeta, got {type(meta).__name__}")
+    if meta.group_slot.device != x.device:
+        raise ValueError(f"meta is on {meta.group_slot.device} but x is on {x.device}")
+    if meta.order is not None and meta.order.shape[0] != x.shape[0]:
+        raise ValueError(f"meta was built for {meta.order.shape[0]} tokens but x has {x.shape[0]}")
+    T = x.shape[0]
+    if out is not None:
+        if out.shape != (T, packed.d_out) or out.dtype not in (x.dtype, torch.float32):
+            raise ValueError(
+                f"out must be [{T}, {packed.d_out}] of dtype {x.dtype} or float32, "
+                f"got {out.dtype} {tuple(out.shape)}"
+            )
+        if out.device != x.device:
+            raise ValueError(f"out is on {out.device}, x on {x.device}")
+        if out.stride(-1) != 1:
+            raise ValueError("out must have contiguous rows (stride 1 along the last dimension)")
+
+
+def check_and_build_meta(
+    x: Tensor,
+    token_slots: Tensor | None,
+    packed: PackedAdapters,
+    seg_indptr: Tensor | None,
+    seg_slots: Tensor | None,
+    out: Tensor | None,
+) -> LoRAMeta:
+    """Validate the arguments of ``slora.ops.multi_lora`` (naming the argument and what was
+    expected) and build the token-group metadata from the per-token or per-segment slots."""
+    if not isinstance(packed, PackedAdapters):
+        raise TypeError(f"packed must be a PackedAdapters, got {type(packed).__name__}")
+    if x.dim() != 2 or x.shape[1] != packed.d_in:
+        raise ValueError(f"x must be [tokens, {packed.d_in}], got {tuple(x.shape)}")
+    T = x.shape[0]
+    for name, t in (
+        ("token_slots", token_slots),
+        ("seg_indptr", seg_indptr),
+        ("seg_slots", seg_slots),
+    ):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if seg_indptr is not None or seg_slots is not None:
+        if token_slots is not None:
+            raise ValueError("pass either token_slots or seg_indptr/seg_slots, not both")
+        if seg_indptr is None or seg_slots is None:
+            raise ValueError("seg_indptr and seg_slots must be given together")
+        meta = build_segment_meta(seg_indptr, seg_slots, T, packed.max_slots)
+    elif token_slots is None:
+        raise ValueError("token_slots is required unless seg_indptr/seg_slots or meta are given")
+    else:
+        if token_slots.dim() != 1 or token_slots.shape[0] != T:
+            raise ValueError(
+                f"token_slots must be 1-D with one slot per token ({T}), "
+                f"got shape {tuple(token_slots.shape)}"
+            )
+        meta = build_token_meta(token_slots, packed.max_slots)
+    check_call(x, packed, meta, out)
+    return meta

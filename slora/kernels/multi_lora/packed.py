@@ -1,0 +1,370 @@
+"""Packed storage of LoRA adapters at their true ranks (layout: docs/kernels.md).
+
+Every A[k, s] occupies ``rank`` rows of one ``[rows, d_in]`` buffer and every Bᵀ[k, s]
+(``[rank, d_out_s]``, row-major so the expand reads contiguous output columns) one stretch of a
+flat buffer — nothing is padded, a rank-0 adapter takes no memory.  Per-(slot, slice) ranks,
+offsets and scales are fixed-shape device arrays, so loading or unloading one adapter writes
+only its own rows and one metadata row, and the kernels need no host synchronisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# One (A [r, d_in], B [d_out, r], scale) triple per slice; None = rank 0 / no adapter.
+SliceAdapter = tuple[Tensor, Tensor, float] | None
+
+
+class _FreeList:
+    """First-fit allocator of ``[start, start + n)`` ranges in a buffer of ``capacity`` units."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.free: list[tuple[int, int]] = [(0, capacity)] if capacity else []
+
+    def alloc(self, n: int) -> int | None:
+        for i, (start, length) in enumerate(self.free):
+            if length >= n:
+                if length == n:
+                    del self.free[i]
+                else:
+                    self.free[i] = (start + n, length - n)
+                return start
+        return None
+
+    def release(self, start: int, n: int) -> None:
+        if n == 0:
+            return
+        self.free.append((start, n))
+        self.free.sort()
+        merged: list[tuple[int, int]] = []
+        for s, n_ in self.free:
+            if merged and merged[-1][0] + merged[-1][1] == s:
+                merged[-1] = (merged[-1][0], merged[-1][1] + n_)
+            else:
+                merged.append((s, n_))
+        self.free = merged
+
+    def grow(self, new_capacity: int) -> None:
+        self.release(self.capacity, new_capacity - self.capacity)
+        self.capacity = new_capacity
+
+
+class PackedAdapters:
+    """LoRA adapters of any ranks packed at their true ranks, one slot per adapter.
+
+    ``A`` is ``[rows, d_in]``; ``Bt`` is flat.  Metadata (device tensors, ``[max_slots,
+    n_slices]``): ``ranks`` (int32), ``a_offsets`` (int32 row of A[k, s] in ``A``),
+    ``b_offsets`` (int64 element of Bᵀ[k, s] in ``Bt``), ``scales`` (fp32); per slice:
+    ``slice_d_out`` and ``slice_col`` (int32 first output column).
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int | Sequence[int],
+        *,
+        max_slots: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        capacity_rows: int = 0,
+        capacity_b: int = 0,
+    ) -> None:
+        outs = [int(d_out)] if isinstance(d_out, int) else [int(d) for d in d_out]
+        if d_in <= 0 or not outs or any(d <= 0 for d in outs):
+            raise ValueError(f"d_in and every slice's d_out must be positive, got {d_in}, {outs}")
+        if max_slots <= 0:
+            raise ValueError(f"max_slots must be positive, got {max_slots}")
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype}")
+        self.d_in = int(d_in)
+        self.slice_sizes = tuple(outs)
+        self.n_slices = len(outs)
+        self.col_starts = tuple(int(c) for c in torch.tensor([0, *outs]).cumsum(0)[:-1])
+        self.d_out = sum(outs)
+        self.max_slots = int(max_slots)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        dev = self.device
+        self.A = torch.zeros(capacity_rows, self.d_in, dtype=dtype, device=dev)
+        self.Bt = torch.zeros(capacity_b, dtype=dtype, device=dev)
+        shape = (self.max_slots, self.n_slices)
+        self.ranks = torch.zeros(shape, dtype=torch.int32, device=dev)
+        self.a_offsets = torch.zeros(shape, dtype=torch.int32, device=dev)
+        self.b_offsets = torch.zeros(shape, dtype=torch.int64, device=dev)
+        self.scales = torch.zeros(shape, dtype=torch.float32, device=dev)
+        self.slice_d_out = torch.tensor(outs, dtype=torch.int32, device=dev)
+        self.slice_col = torch.tensor(self.col_starts, dtype=torch.int32, device=dev)
+        self._a_free = _FreeList(capacity_rows)
+        self._b_free = _FreeList(capacity_b)
+        # host mirror: slot -> [(rank, a_off, b_off, scale) per slice]
+        self._host: dict[int, list[tuple[int, int, int, float]]] = {}
+        self._max_rank = 0  # a plain int, so that torch.compile guards on it without tracing
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_list(
+        cls,
+        adapters: Sequence[Any],
+        *,
+        d_out: int | Sequence[int] | None = None,
+        max_slots: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> PackedAdapters:
+        """Pack ``adapters[k]`` into slot k.
+
+        Each entry is ``(A, B, scale)`` (one slice), a sequence of such triples (one per
+        slice; ``None`` for a rank-0 slice) or ``None`` (an empty slot).  A is ``[r, d_in]``,
+        B ``[d_out_s, r]``.  ``d_out`` is needed only when no entry shows a slice's size.
+        """
+        entries = [_slices_of(a) for a in adapters]
+        known = [e for e in entries if e is not None]
+        n_slices = len(known[0]) if known else (1 if isinstance(d_out, int) else len(d_out or []))
+        d_in = None
+        sizes: list[int | None] = [None] * n_slices
+        if d_out is not None:
+            sizes = [int(d_out)] if isinstance(d_out, int) else [int(d) for d in d_out]
+            n_slices = len(sizes)
+        for k, e in enumerate(entries):
+            if e is None:
+                continue
+            if len(e) != n_slices:
+                raise ValueError(
+                    f"adapters[{k}] has {len(e)} slices, expected {n_slices} like the others"
+                )
+            for s, trip in enumerate(e):
+                if trip is None:
+                    continue
+                A, B, _ = trip
+                d_in = d_in if d_in is not None else A.shape[-1]
+                sizes[s] = sizes[s] if sizes[s] is not None else B.shape[0]
+                dtype = dtype or A.dtype
+                device = device or A.device
+        if d_in is None or any(d is None for d in sizes):
+            raise ValueError("cannot infer d_in / d_out from the adapters: pass d_out=")
+        total_a = sum(t[0].shape[0] for e in known for t in e if t is not None)
+        total_b = sum(t[1].numel() for e in known for t in e if t is not None)
+        packed = cls(
+            d_in,
+            [int(d) for d in sizes],  # type: ignore[arg-type]
+            max_slots=max_slots or max(len(adapters), 1),
+            dtype=dtype or torch.float32,
+            device=device or "cpu",
+            capacity_rows=total_a,
+            capacity_b=total_b,
+        )
+        for k, e in enumerate(entries):
+            if e is not None:
+                packed.load(k, e)
+        return packed
+
+    # -- load / unload ------------------------------------------------------------------------
+
+    def load(self, slot: int, adapter: Any) -> None:
+        """Put ``adapter`` (format as in :meth:`from_list`) into ``slot``, replacing what was
+        there; writes only this adapter's rows and metadata row."""
+        self._check_slot(slot)
+        slices = _slices_of(adapter) or [None] * self.n_slices
+        if len(slices) != self.n_slices:
+            raise ValueError(
+                f"adapter for slot {slot} has {len(slices)} slices, expected {self.n_slices}"
+            )
+        checked = []
+        for s, trip in enumerate(slices):
+            if trip is None:
+                checked.append(None)
+                continue
+            A, B, scale = trip
+            d_s = self.slice_sizes[s]
+            if A.dim() != 2 or A.shape[1] != self.d_in:
+                raise ValueError(
+                    f"slot {slot} slice {s}: A must be [r, {self.d_in}], got {tuple(A.shape)}"
+                )
+            if B.dim() != 2 or B.shape != (d_s, A.shape[0]):
+                raise ValueError(
+                    f"slot {slot} slice {s}: B must be [{d_s}, {A.shape[0]}] to match A, "
+                    f"got {tuple(B.shape)}"
+                )
+            checked.append((A, B, float(scale)))
+        self.unload(slot)
+        host = []
+        for s, trip in enumerate(checked):
+            if trip is None or trip[0].shape[0] == 0:
+                host.append((0, 0, 0, 0.0))
+                continue
+            A, B, scale = trip
+            r, d_s = A.shape[0], self.slice_sizes[s]
+            a_off = self._alloc("A", r)
+            b_off = self._alloc("Bt", r * d_s)
+            with torch.no_grad():
+                self.A[a_off : a_off + r].copy_(A)
+                self.Bt[b_off : b_off + r * d_s].view(r, d_s).copy_(B.t())
+            host.append((r, a_off, b_off, scale))
+        self._host[slot] = host
+        self._write_meta(slot, host)
+        self._max_rank = max(self._max_rank, *(h[0] for h in host))
+
+    def unload(self, slot: int) -> None:
+        """Free ``slot`` (rank 0 everywhere); other adapters are not touched."""
+        self._check_slot(slot)
+        host = self._host.pop(slot, None)
+        if host is None:
+            return
+        for s, (r, a_off, b_off, _) in enumerate(host):
+            if r:
+                self._a_free.release(a_off, r)
+                self._b_free.release(b_off, r * self.slice_sizes[s])
+        self._write_meta(slot, [(0, 0, 0, 0.0)] * self.n_slices)
+        self._max_rank = max((r for h in self._host.values() for r, *_ in h), default=0)
+
+    def _alloc(self, which: str, n: int) -> int:
+        free = self._a_free if which == "A" else self._b_free
+        start = free.alloc(n)
+        if start is None:  # grow (reallocates: reserve capacity up front under CUDA graphs)
+            old = self.A if which == "A" else self.Bt
+            new_cap = max(2 * free.capacity, free.capacity + n)
+            shape = (new_cap, self.d_in) if which == "A" else (new_cap,)
+            grown = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            grown[: free.capacity].copy_(old.detach())
+            if which == "A":
+                self.A = grown
+            else:
+                self.Bt = grown
+            free.grow(new_cap)
+            start = free.alloc(n)
+            assert start is not None
+        return start
+
+    def _write_meta(self, slot: int, host: list[tuple[int, int, int, float]]) -> None:
+        r, a, b, sc = zip(*host)
+        self.ranks[slot].copy_(torch.tensor(r, dtype=torch.int32))
+        self.a_offsets[slot].copy_(torch.tensor(a, dtype=torch.int32))
+        self.b_offsets[slot].copy_(torch.tensor(b, dtype=torch.int64))
+        self.scales[slot].copy_(torch.tensor(sc, dtype=torch.float32))
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.max_slots:
+            raise IndexError(f"slot {slot} out of range [0, {self.max_slots})")
+
+    # -- views --------------------------------------------------------------------------------
+
+    def host_meta(self, slot: int) -> list[tuple[int, int, int, float]]:
+        """``(rank, a_offset, b_offset, scale)`` per slice of ``slot`` (host copy, no sync)."""
+        return self._host.get(slot, [(0, 0, 0, 0.0)] * self.n_slices)
+
+    @property
+    def max_rank(self) -> int:
+        """Largest rank of any loaded (slot, slice); sizes the kernels' intermediate buffer."""
+        return self._max_rank
+
+    def weights(self) -> KernelWeights:
+        """The tensors and sizes the registered ops take (see :class:`KernelWeights`)."""
+        return KernelWeights(
+            self.A, self.Bt, self.ranks, self.a_offsets, self.b_offsets, self.scales,
+            self.slice_d_out, self.slice_col, list(self.slice_sizes), self._max_rank,
+        )  # fmt: skip
+
+    def adapter(self, slot: int) -> list[SliceAdapter]:
+        """Views ``(A, B, scale)`` per slice of ``slot`` (None for rank 0)."""
+        out: list[SliceAdapter] = []
+        for s, (r, a_off, b_off, scale) in enumerate(self.host_meta(slot)):
+            d_s = self.slice_sizes[s]
+            if r == 0:
+                out.append(None)
+                continue
+            A = self.A[a_off : a_off + r]
+            B = self.Bt[b_off : b_off + r * d_s].view(r, d_s).t()
+            out.append((A, B, scale))
+        return out
+
+    def padded(self, rank: int | None = None) -> PackedAdapters:
+        """A copy with every loaded (slot, slice) zero-padded to ``rank`` (default: the
+        largest) — the layout of servers that pad to ``max_lora_rank``, for benchmarks."""
+        rank = rank if rank is not None else self.max_rank
+        items: list[Any] = [None] * self.max_slots
+        for slot in self._host:
+            sl = []
+            for s, trip in enumerate(self.adapter(slot)):
+                A = torch.zeros(rank, self.d_in, dtype=self.dtype, device=self.device)
+                B = torch.zeros(self.slice_sizes[s], rank, dtype=self.dtype, device=self.device)
+                scale = 0.0
+                if trip is not None:
+                    r = trip[0].shape[0]
+                    A[:r], B[:, :r], scale = trip[0], trip[1], trip[2]
+                sl.append((A, B, scale))
+            items[slot] = sl
+        return PackedAdapters.from_list(items, d_out=self.slice_sizes, max_slots=self.max_slots)
+
+    def nbytes(self) -> int:
+        """Bytes of the loaded adapters' A and B (true ranks)."""
+        el = self.A.element_size()
+        return sum(
+            r * (self.d_in + self.slice_sizes[s]) * el
+            for h in self._host.values()
+            for s, (r, *_) in enumerate(h)
+        )
+
+
+class KernelWeights(NamedTuple):
+    """What a backend reads of a :class:`PackedAdapters`: the buffers, the per-(slot, slice)
+    metadata, the slices' widths (device tensors and host ints) and the largest rank."""
+
+    A: Tensor
+    Bt: Tensor
+    ranks: Tensor
+    a_offsets: Tensor
+    b_offsets: Tensor
+    scales: Tensor
+    slice_d_out: Tensor
+    slice_col: Tensor
+    slice_sizes: list[int]
+    max_rank: int
+
+    @property
+    def d_in(self) -> int:
+        return self.A.shape[1]
+
+    @property
+    def n_slices(self) -> int:
+        return len(self.slice_sizes)
+
+    @property
+    def d_out(self) -> int:
+        return sum(self.slice_sizes)
+
+    @property
+    def col_starts(self) -> list[int]:
+        cols, c = [], 0
+        for d in self.slice_sizes:
+            cols.append(c)
+            c += d
+        return cols
+
+
+def _slices_of(adapter: Any) -> list[SliceAdapter] | None:
+    """Normalise one adapter entry to a list of per-slice triples (None = empty slot)."""
+    if adapter is None:
+        return None
+    if isinstance(adapter, tuple) and len(adapter) == 3 and isinstance(adapter[0], Tensor):
+        return [adapter]
+    return [None if t is None else tuple(t) for t in adapter]  # type: ignore[misc]
+
+
+def pack_slices(
+    As: Sequence[Tensor], Bs: Sequence[Tensor], scales: Sequence[float]
+) -> PackedAdapters:
+    """One slot holding the slices ``(A_s, B_s, scale_s)`` (detached copies)."""
+    return PackedAdapters.from_list(
+        [[(a.detach(), b.detach(), float(s)) for a, b, s in zip(As, Bs, scales)]],
+        d_out=[b.shape[0] for b in Bs],
+        dtype=As[0].dtype,
+        device=As[0].device,
+    )

@@ -1,0 +1,146 @@
+"""Training path: the LoRA branches of one adapter's modules that share an input (q/k/v,
+gate/up), each slice with its own rank, as one registered op with its own backward.
+
+This is the grouped op for a single slot: every token uses the one adapter, so the grouped
+GEMMs become dense ones.  The members' weights are passed as they are (``Tensor[]``), never
+copied into a pack.  Forward: one shrink GEMM for all slices (x read once) and one
+scaled expand per slice written straight into its output columns; the shrink output ``h`` is
+kept for the backward, which is one GEMM for dx and one for every A (over the concatenated
+ranks) plus one per slice for dh and dB.  fp32 math whatever the input dtype.
+
+- ``slora::lora_slices(x, As, Bs, scales) -> (y, h)``
+- ``slora::lora_slices_backward(dy, x, h, As, Bs, scales, needs_x, needs_w) -> Tensor[]``
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def _f32(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.float32 else t.float()
+
+
+@torch.library.custom_op("slora::lora_slices", mutates_args=())
+def lora_slices_op(
+    x: Tensor, As: list[Tensor], Bs: list[Tensor], scales: list[float]
+) -> tuple[Tensor, Tensor]:
+    xf = _f32(x)
+    h = xf @ torch.cat([_f32(a) for a in As]).t()  # [T, Σ r]
+    y = torch.empty(x.shape[0], sum(b.shape[0] for b in Bs), dtype=torch.float32, device=x.device)
+    rank = col = 0
+    for A, B, scale in zip(As, Bs, scales):
+        r, d = A.shape[0], B.shape[0]
+        ys = y[:, col : col + d]
+        if r == 0:
+            ys.zero_()
+        else:
+            torch.addmm(ys, h[:, rank : rank + r], _f32(B).t(), beta=0, alpha=scale, out=ys)
+        rank, col = rank + r, col + d
+    return y.to(x.dtype), h
+
+
+@lora_slices_op.register_fake
+def _(x, As, Bs, scales):  # noqa: ANN001
+    T = x.shape[0]
+    return (
+        x.new_empty(T, sum(b.shape[0] for b in Bs)),
+        x.new_empty(T, sum(a.shape[0] for a in As), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("slora::lora_slices_backward", mutates_args=())
+def lora_slices_backward_op(
+    dy: Tensor,
+    x: Tensor,
+    h: Tensor,
+    As: list[Tensor],
+    Bs: list[Tensor],
+    scales: list[float],
+    needs_x: bool,
+    needs_w: bool,
+) -> list[Tensor]:
+    dyf = _f32(dy)
+    dh = torch.empty_like(h)
+    dBs = []
+    rank = col = 0
+    for A, B, scale in zip(As, Bs, scales):
+        r, d = A.shape[0], B.shape[0]
+        g = dyf[:, col : col + d]
+        if r:
+            dhs = dh[:, rank : rank + r]
+            torch.addmm(dhs, g, _f32(B), beta=0, alpha=scale, out=dhs)
+        if needs_w:
+            hs = h[:, rank : rank + r]
+            dBs.append(torch.addmm(B.new_empty(d, r, dtype=torch.float32), g.t(), hs,
+                                   beta=0, alpha=scale).to(B.dtype))  # fmt: skip
+        rank, col = rank + r, col + d
+    A_cat = torch.cat([_f32(a) for a in As])
+    dx = (dh @ A_cat).to(x.dtype) if needs_x else x.new_empty(0)
+    dAs = []
+    if needs_w:
+        dA_cat = dh.t() @ _f32(x)
+        dAs = [g.to(a.dtype, copy=True) for g, a in zip(dA_cat.split([a.shape[0] for a in As]), As)]
+    return [dx, *dAs, *dBs]
+
+
+@lora_slices_backward_op.register_fake
+def _(dy, x, h, As, Bs, scales, needs_x, needs_w):  # noqa: ANN001
+    dx = torch.empty_like(x) if needs_x else x.new_empty(0)
+    weights = [torch.empty_like(t) for t in (*As, *Bs)] if needs_w else []
+    return [dx, *weights]
+
+
+def _setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, As, Bs, scales = inputs
+    ctx.save_for_backward(x, output[1], *As, *Bs)
+    ctx.n, ctx.scales = len(As), scales
+
+
+def _backward(ctx, dy, dh):  # noqa: ANN001
+    x, h, *weights = ctx.saved_tensors
+    n = ctx.n
+    needs_x = ctx.needs_input_grad[0]
+    needs_w = any(_flat(ctx.needs_input_grad[1])) or any(_flat(ctx.needs_input_grad[2]))
+    grads = torch.ops.slora.lora_slices_backward(
+        dy, x, h, weights[:n], weights[n:], ctx.scales, needs_x, needs_w
+    )
+    dx = grads[0] if needs_x else None
+    dAs = list(grads[1 : 1 + n]) if needs_w else None
+    dBs = list(grads[1 + n :]) if needs_w else None
+    return dx, dAs, dBs, None
+
+
+def _flat(need: bool | Sequence[bool]) -> list[bool]:
+    return [need] if isinstance(need, bool) else list(need)
+
+
+torch.library.register_autograd("slora::lora_slices", _backward, setup_context=_setup)
+
+
+def lora_slices_torch(
+    x: Tensor, As: Sequence[Tensor], Bs: Sequence[Tensor], scales: Sequence[float]
+) -> Tensor:
+    """Plain PyTorch reference of ``slora::lora_slices``'s ``y``: one shrink and one expand
+    per slice, fp32 math, differentiable by autograd."""
+    parts = [s * (_f32(x) @ _f32(a).t()) @ _f32(b).t() for a, b, s in zip(As, Bs, scales)]
+    return torch.cat(parts, dim=-1).to(x.dtype)
+
+
+def check_slices(x: Tensor, As: Sequence[Tensor], Bs: Sequence[Tensor], scales) -> None:  # noqa: ANN001
+    """Validate the arguments of ``slora.ops.lora_slices``."""
+    d_in = x.shape[-1]
+    if not (len(As) == len(Bs) == len(scales)) or not As:
+        raise ValueError(
+            f"As, Bs and scales must be non-empty and of equal length, "
+            f"got {len(As)}, {len(Bs)}, {len(scales)}"
+        )
+    for s, (A, B) in enumerate(zip(As, Bs)):
+        if A.dim() != 2 or A.shape[1] != d_in or B.dim() != 2 or B.shape[1] != A.shape[0]:
+            raise ValueError(
+                f"slice {s}: expected A [r, {d_in}] and B [d_out, r], "
+                f"got A {tuple(A.shape)} and B {tuple(B.shape)}"
+            )
