@@ -7,13 +7,13 @@ import pytest
 import torch
 from reference import combine as ref_combine
 
-from slora.core.metrics import MatrixStats, combine, matrix_metrics
-from slora.kernels.sensitivity_metrics import (
+from slora.core.metric_math import (
     dense_share_count,
     dense_topk_sum,
     outer_share_count,
     outer_topk_sum,
 )
+from slora.core.metrics import MatrixStats, combine, matrix_metrics
 
 
 def _ref_topk(u, v, k):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from slora.kernels.sensitivity_metrics import (
+from slora.core.metric_math import (
     dense_share_count,
     dense_topk_sum,
     outer_share_count,

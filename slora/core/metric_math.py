@@ -1,4 +1,8 @@
-"""Local sensitivity metrics of SPEC §1 computed exactly from rank-1 factors.
+"""Exact top-k sums and cumulative-share counts of a matrix's sensitivity entries.
+
+The local metrics of docs/method.md ("Metrics") need, per target matrix, the sum of the k
+largest Hessian-diagonal entries and the number of largest entries holding a share α of their
+total.  This is method math on small float64 vectors (NumPy/torch), not a kernel.
 
 For the ``activation`` and ``fisher`` estimators every Hessian-diagonal entry of a d_out×d_in
 matrix is a product ``u_i · v_j`` of two non-negative factors (u = 2·1 and v = a for
