@@ -87,10 +87,18 @@ class LoraLinear(nn.Module):
         if self.merged:
             return y
         delta = self.group.delta_for(self, x) if self.group is not None else None
-        if delta is None:
-            h = self.lora_dropout(x).to(self.lora_A.weight.dtype)
-            delta = self.lora_B(self.lora_A(h)) * self.scale
-        return y + delta.to(y.dtype)
+        if delta is not None:
+            return y + delta.to(y.dtype)
+        h = self.lora_A(self.lora_dropout(x).to(self.lora_A.weight.dtype))
+        if h.dtype == y.dtype:  # y + scale · h Bᵀ as one GEMM: no separate scale and add passes
+            y2 = torch.addmm(
+                y.reshape(-1, self.d_out),
+                h.reshape(-1, self.rank),
+                self.lora_B.weight.t(),
+                alpha=self.scale,
+            )
+            return y2.view(y.shape)
+        return y + (self.lora_B(h) * self.scale).to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale:g}, merged={self.merged}"
