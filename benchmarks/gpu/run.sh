@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# One GPU check in one go: the CUDA tests, the kernel benchmarks and the whole-pass benchmark,
-# then a table in $OUT/summary.md.  Prepared and tried on the CPU; run on the lent GPU with
+# One GPU check in one go: the CUDA tests (among them: opcheck of the Triton path, a decode step
+# with prebuilt metadata captured in a CUDA graph, grouped-op gradients), the native build on
+# CUDA (arch from the device), the kernel benchmarks and the whole-pass benchmark, then a table
+# in $OUT/summary.md.  Prepared and tried on the CPU; run on the lent GPU with
 #   bash benchmarks/gpu/run.sh            (OUT defaults to benchmarks/results/gpu-<date>)
 # after `bash benchmarks/gpu/prepare_wheels.sh` here (carry benchmarks/gpu/wheels).
 set -uo pipefail
@@ -29,6 +31,8 @@ step() {  # name, timeout seconds, command...
   echo "$name rc=$rc" >> "$OUT/steps.txt"
 }
 
+step native_build 240 python3 -c "from slora.kernels import _native as n; \
+import sys; e = n.extension(); print('native extension:', e); sys.exit(e is None)"
 step cuda_tests 240 python3 -m pytest -q -x -m cuda tests/ -p no:cacheprovider
 step kernel_benchmarks 240 python3 -m pytest -q benchmarks/bench_*.py --benchmark-only \
   --benchmark-json="$OUT/benchmarks.json" -p no:cacheprovider
