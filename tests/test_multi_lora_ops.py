@@ -148,3 +148,29 @@ def test_cuda_lora_slices_gradients_match_plain_autograd():
     (plain * w.double()).sum().backward()
     for got, want in zip((x, *As, *Bs), leaves):
         assert_close(got.grad.cpu(), want.grad.cpu(), torch.float32)
+
+
+def test_gradcheck_float64_torch_path():
+    """Exact gradients (float64 finite differences) of both differentiable ops."""
+    gen = torch.Generator().manual_seed(8)
+    As = [
+        torch.randn(r, 6, generator=gen, dtype=torch.float64, requires_grad=True) for r in (2, 0, 3)
+    ]
+    Bs = [
+        torch.randn(d, r, generator=gen, dtype=torch.float64, requires_grad=True)
+        for d, r in zip((4, 2, 5), (2, 0, 3))
+    ]
+    x = torch.randn(5, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    fn = lambda x, *w: torch.ops.slora.lora_slices(x, list(w[:3]), list(w[3:]), [0.5, 1.0, 2.0])[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, *As, *Bs))
+
+    packed = PackedAdapters.from_list(make_adapters([(2, 1), None, (3, 0)], 6, [4, 3]))
+    meta = ops.build_token_meta(torch.tensor([2, -1, 0, 0, 2]), 3)
+    _, _, *rest = op_args(packed.weights(), meta)
+    A = packed.A.double().requires_grad_()
+    Bt = packed.Bt.double().requires_grad_()
+    scalars = [t.double() if t.dtype == torch.float32 else t for t in rest[:4]]
+    args = (*scalars, *rest[4:])
+    assert torch.autograd.gradcheck(
+        lambda x, A, Bt: torch.ops.slora.multi_lora(x, A, Bt, *args, "torch"), (x, A, Bt)
+    )

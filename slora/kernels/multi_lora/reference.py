@@ -17,6 +17,11 @@ from slora.kernels.multi_lora.meta import LoRAMeta
 from slora.kernels.multi_lora.packed import KernelWeights
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype: fp32 for fp32/fp16/bf16 (float64 stays float64, for gradcheck)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _groups(meta: LoRAMeta, device: torch.device) -> Iterator[tuple[int, Tensor]]:
     """(slot, token indices) of every non-empty group with an adapter."""
     slots = meta.group_slot.tolist()
@@ -48,11 +53,12 @@ def multi_lora_torch(
     """``out += delta`` (``out = delta`` with ``overwrite``) by a loop over groups and slices."""
     if overwrite:
         out.zero_()
+    acc = acc_dtype(x.dtype)
     for slot, idx in _groups(meta, x.device):
-        xs = x.index_select(0, idx).float()
+        xs = x.index_select(0, idx).to(acc)
         for r, col, d_s, a_off, b_off, scale in _slices(w, slot):
-            A = w.A[a_off : a_off + r].float()
-            Bt = w.Bt[b_off : b_off + r * d_s].view(r, d_s).float()
+            A = w.A[a_off : a_off + r].to(acc)
+            Bt = w.Bt[b_off : b_off + r * d_s].view(r, d_s).to(acc)
             y = (xs @ A.t() * scale) @ Bt
             out[:, col : col + d_s].index_add_(0, idx, y.to(out.dtype))
     return out
@@ -64,16 +70,17 @@ def multi_lora_backward_torch(
     """Gradients of ``delta = multi_lora(x)`` for x, A and Bt, per group and slice as GEMMs on
     the group's tokens (fp32): with h = scale·A x and g = dy_s,
     ``dx += scale·(g Bt_sᵀ) A_s``, ``dA_s += scale·(g Bt_sᵀ)ᵀ x``, ``dBt_s += hᵀ g``."""
-    dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if needs[0] else None
-    dA = torch.zeros(w.A.shape, dtype=torch.float32, device=x.device) if needs[1] else None
-    dBt = torch.zeros(w.Bt.shape, dtype=torch.float32, device=x.device) if needs[2] else None
+    acc = acc_dtype(x.dtype)
+    dx = torch.zeros(x.shape, dtype=acc, device=x.device) if needs[0] else None
+    dA = torch.zeros(w.A.shape, dtype=acc, device=x.device) if needs[1] else None
+    dBt = torch.zeros(w.Bt.shape, dtype=acc, device=x.device) if needs[2] else None
     for slot, idx in _groups(meta, x.device):
-        xs = x.index_select(0, idx).float()
-        gs = grad.index_select(0, idx).float()
+        xs = x.index_select(0, idx).to(acc)
+        gs = grad.index_select(0, idx).to(acc)
         dxs = torch.zeros_like(xs) if dx is not None else None
         for r, col, d_s, a_off, b_off, scale in _slices(w, slot):
-            A = w.A[a_off : a_off + r].float()
-            Bt = w.Bt[b_off : b_off + r * d_s].view(r, d_s).float()
+            A = w.A[a_off : a_off + r].to(acc)
+            Bt = w.Bt[b_off : b_off + r * d_s].view(r, d_s).to(acc)
             g = gs[:, col : col + d_s]
             dh = (g @ Bt.t()) * scale  # [n, r]
             if dxs is not None:

@@ -19,9 +19,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from slora.kernels.multi_lora.reference import acc_dtype
+
 
 def _f32(t: Tensor) -> Tensor:
-    return t if t.dtype == torch.float32 else t.float()
+    """At least fp32 (float64 stays float64, for gradcheck)."""
+    return t.to(acc_dtype(t.dtype))
 
 
 @torch.library.custom_op("slora::lora_slices", mutates_args=())
@@ -30,7 +33,7 @@ def lora_slices_op(
 ) -> tuple[Tensor, Tensor]:
     xf = _f32(x)
     h = xf @ torch.cat([_f32(a) for a in As]).t()  # [T, Σ r]
-    y = torch.empty(x.shape[0], sum(b.shape[0] for b in Bs), dtype=torch.float32, device=x.device)
+    y = xf.new_empty(x.shape[0], sum(b.shape[0] for b in Bs))
     rank = col = 0
     for A, B, scale in zip(As, Bs, scales):
         r, d = A.shape[0], B.shape[0]
@@ -48,7 +51,7 @@ def _(x, As, Bs, scales):  # noqa: ANN001
     T = x.shape[0]
     return (
         x.new_empty(T, sum(b.shape[0] for b in Bs)),
-        x.new_empty(T, sum(a.shape[0] for a in As), dtype=torch.float32),
+        x.new_empty(T, sum(a.shape[0] for a in As), dtype=acc_dtype(x.dtype)),
     )
 
 
@@ -75,7 +78,7 @@ def lora_slices_backward_op(
             torch.addmm(dhs, g, _f32(B), beta=0, alpha=scale, out=dhs)
         if needs_w:
             hs = h[:, rank : rank + r]
-            dBs.append(torch.addmm(B.new_empty(d, r, dtype=torch.float32), g.t(), hs,
+            dBs.append(torch.addmm(h.new_empty(d, r), g.t(), hs,
                                    beta=0, alpha=scale).to(B.dtype))  # fmt: skip
         rank, col = rank + r, col + d
     A_cat = torch.cat([_f32(a) for a in As])
