@@ -40,9 +40,9 @@ def _backends() -> list[str]:
     if CUDA:
         names.append("triton")
     else:
-        from slora.kernels import native_ops
+        from slora.kernels import _native
 
-        if native_ops.available():
+        if _native.available():
             names.append("cpp")
     return names
 

@@ -10,13 +10,10 @@ kernel contract are described in docs/kernels.md.
 
 from __future__ import annotations
 
-import functools
-import importlib
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
+from slora.kernels import sensitivity as _sensitivity  # noqa: F401 - registers the ops
 from slora.kernels.backend import BACKENDS, resolve_backend
 
 __all__ = [
@@ -28,51 +25,20 @@ __all__ = [
     "accumulate_input_stats",
     "build_segment_meta",
     "build_token_meta",
-    "implementation",
     "lora_slices",
     "multi_lora",
     "resolve_backend",
 ]
 
-_IMPLEMENTATIONS: dict[str, dict[str, str]] = {
-    "input_stats": {
-        "triton": "slora.kernels.sensitivity_stats:accumulate_input_stats_triton",
-        "cpp": "slora.kernels.native_ops:accumulate_input_stats_cpp",
-        "torch": "slora.kernels.sensitivity_stats:accumulate_input_stats_torch",
-    },
-    "grad_stats": {
-        "triton": "slora.kernels.sensitivity_stats:accumulate_grad_stats_triton",
-        "cpp": "slora.kernels.native_ops:accumulate_grad_stats_cpp",
-        "torch": "slora.kernels.sensitivity_stats:accumulate_grad_stats_torch",
-    },
-    "fisher_exact": {
-        "triton": "slora.kernels.sensitivity_stats:accumulate_fisher_exact_triton",
-        "torch": "slora.kernels.sensitivity_stats:accumulate_fisher_exact_torch",
-    },
-}
-
-
-@functools.cache
-def _load(target: str) -> Callable:
-    module, _, name = target.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def implementation(op: str, device: torch.device | str, backend: str | None = None) -> Callable:
-    """The callable implementing ``op`` on ``device`` for the resolved backend."""
-    table = _IMPLEMENTATIONS[op]
-    return _load(table.get(resolve_backend(device, backend), table["torch"]))
-
-
 # --------------------------------------------------------------------------------------------
-# Sensitivity statistics (SPEC §1); see slora/kernels/sensitivity_stats.py for the semantics.
+# Sensitivity statistics: slora/kernels/sensitivity/ (semantics in its reference.py).
 
 
 def accumulate_input_stats(
     x: Tensor, row_mask: Tensor | None, col_sq: Tensor, backend: str | None = None
 ) -> Tensor:
     """``col_sq += Σ_t x_t²`` over unmasked rows; returns per-row ``‖x_t‖²`` (fp32, 0 if masked)."""
-    return implementation("input_stats", x.device, backend)(x, row_mask, col_sq)
+    return torch.ops.slora.input_stats(x, row_mask, col_sq, backend or "")
 
 
 def accumulate_grad_stats(
@@ -84,14 +50,14 @@ def accumulate_grad_stats(
     backend: str | None = None,
 ) -> None:
     """``row_sq += Σ_t dy_t²`` over unmasked rows and ``trace += Σ_t ‖dy_t‖²‖x_t‖²``."""
-    implementation("grad_stats", dy.device, backend)(dy, row_mask, x_token_sq, row_sq, trace)
+    torch.ops.slora.grad_stats(dy, row_mask, x_token_sq, row_sq, trace, backend or "")
 
 
 def accumulate_fisher_exact(
     dy: Tensor, x: Tensor, row_mask: Tensor | None, diag: Tensor, backend: str | None = None
 ) -> None:
     """``diag += (dy∘dy)ᵀ(x∘x)`` over unmasked rows (``diag`` may live on another device)."""
-    implementation("fisher_exact", dy.device, backend)(dy, x, row_mask, diag)
+    torch.ops.slora.fisher_exact(dy, x, row_mask, diag, backend or "")
 
 
 # --------------------------------------------------------------------------------------------

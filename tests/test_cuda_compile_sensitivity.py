@@ -1,66 +1,14 @@
-"""Compile-only check of csrc/sensitivity_reductions.cu for sm_90 (runs where nvcc exists)."""
+"""Ahead-of-time compile of the sensitivity Triton kernels for Hopper (sm_90), no GPU needed.
 
-import shutil
+Triton is the CUDA backend of ``slora::input_stats`` / ``grad_stats`` / ``fisher_exact``; this
+catches lowering errors that the interpreter cannot, and checks that the fused ``fisher_exact``
+GEMM runs on tensor-core MMA within the per-block shared-memory limit.
+"""
+
 import subprocess
 from pathlib import Path
 
 import pytest
-
-NVCC = shutil.which("nvcc")
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "sensitivity_reductions.cu"
-
-pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found")
-
-
-def _nvcc(*args: str) -> subprocess.CompletedProcess:
-    cmd = [NVCC, "-std=c++17", "-O3", "-arch=sm_90", "-Werror", "all-warnings", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-
-
-def test_compiles_for_sm90_with_launchers(tmp_path):
-    obj = tmp_path / "sensitivity_reductions.o"
-    proc = _nvcc("-Xcompiler", "-Wall,-Werror", "-c", str(SOURCE), "-o", str(obj))
-    assert proc.returncode == 0, proc.stderr
-    assert obj.stat().st_size > 0
-    nm = shutil.which("nm")
-    if nm is not None:
-        symbols = subprocess.run([nm, str(obj)], capture_output=True, text=True).stdout
-        for name in ("slora_sq_stats_f32", "slora_sq_stats_f16", "slora_sq_stats_bf16"):
-            assert f" T {name}" in symbols, f"{name} not exported"
-
-
-def test_cubin_holds_kernels_for_every_dtype(tmp_path):
-    cubin = tmp_path / "sensitivity_reductions.cubin"
-    proc = _nvcc("-cubin", str(SOURCE), "-o", str(cubin))
-    assert proc.returncode == 0, proc.stderr
-    data = cubin.read_bytes()
-    assert data[:4] == b"\x7fELF"
-    # One instantiation of the streaming kernel per input type (mangled template names).
-    assert data.count(b"sq_stats_kernelIfE") >= 1
-    assert data.count(b"sq_stats_kernelI6__halfE") >= 1
-    assert data.count(b"sq_stats_kernelI13__nv_bfloat16E") >= 1
-    assert b"combine_kernel" in data
-
-
-def test_torch_binding_syntax_checks_against_torch_headers():
-    # The binding that lets the GPU script run the CUDA sources; no CUDA torch needed here.
-    import sysconfig
-
-    from torch.utils.cpp_extension import include_paths
-
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler")
-    cuda_include = Path(NVCC).resolve().parent.parent / "include"
-    includes = [*include_paths(), sysconfig.get_paths()["include"], "/usr/local/cuda/include"]
-    if cuda_include.is_dir():
-        includes.append(str(cuda_include))
-    cmd = [cxx, "-std=c++20", "-fsyntax-only", "-Wall", "-DTORCH_EXTENSION_NAME=slora_sens_cuda"]
-    cmd += [f"-I{p}" for p in includes]
-    cmd.append(str(SOURCE.with_name("sensitivity_reductions_binding.cpp")))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-
 
 _TRITON_AOT = r"""
 import json, os, sys
@@ -68,7 +16,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from slora.kernels import sensitivity_stats as ss
+from slora.kernels.sensitivity import triton_backend as ss
 
 def build(kernel, sig, const):
     sig = dict(sig, **{n: "constexpr" for n in const})

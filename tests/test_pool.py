@@ -154,9 +154,9 @@ def test_mixed_batch_equals_peft_per_sequence(kind, adapters):
 @pytest.mark.parametrize("backend", ["torch", "triton", "cpp"])
 def test_backends_match_peft(backend, adapters):
     if backend == "cpp":
-        from slora.kernels import native_ops
+        from slora.kernels import _native
 
-        if not native_ops.available():
+        if not _native.available():
             pytest.skip("native ops unavailable")
     dirs = adapters["llama"]
     model = MODELS["llama"]()

@@ -13,7 +13,8 @@ from tiny_models import MODELS, batches
 
 import slora
 from slora import ops
-from slora.kernels import sensitivity_stats as ss
+from slora.kernels._native import available as native_available
+from slora.kernels.sensitivity import triton_backend as tb
 
 
 def _backends() -> list[str]:
@@ -23,9 +24,7 @@ def _backends() -> list[str]:
         names.append("triton")
     except RuntimeError:
         pass
-    from slora.kernels import native_ops
-
-    if native_ops.available():
+    if native_available():
         names.append("cpp")
     return names
 
@@ -93,7 +92,7 @@ def _run_stats(backend, x, mask, **launch):
     col = torch.rand(features) + 0.5
     col0 = col.double().clone()
     if launch:
-        tok = ss.accumulate_input_stats_triton(x, mask, col, **launch)
+        tok = tb.input_stats(x, mask, col, **launch)
     else:
         tok = ops.accumulate_input_stats(x, mask, col, backend=backend)
     dy = _data(tokens, features + 3, x.dtype, scale=0.5)
@@ -101,7 +100,7 @@ def _run_stats(backend, x, mask, **launch):
     trace = torch.rand(()) + 0.5
     row0, trace0 = row.double().clone(), trace.double().clone()
     if launch:
-        ss.accumulate_grad_stats_triton(dy, mask, tok, row, trace, **launch)
+        tb.grad_stats(dy, mask, tok, row, trace, **launch)
     else:
         ops.accumulate_grad_stats(dy, mask, tok, row, trace, backend=backend)
     sq_x, sq_dy = _ref_sq(x, mask), _ref_sq(dy, mask)
@@ -220,7 +219,7 @@ def test_fisher_exact_triton_overflowing_fp16_strided_and_blocked():
     x = _data(20, 50, torch.float16)[:, ::2]
     diag = (torch.rand(25, 17) + 0.5).t()  # a transposed (non-contiguous) accumulator
     want = diag.double() + dy.double().square().t() @ x.double().square()
-    ss.accumulate_fisher_exact_triton(dy, x, None, diag, block_o=16, block_d=16, block_t=16)
+    tb.fisher_exact(dy, x, None, diag, block_o=16, block_d=16, block_t=16)
     _close(diag, want, torch.float16, "fisher_exact blocked")
 
 
@@ -263,9 +262,7 @@ def test_errors_name_the_tensor(backend):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens,features", [(1, 1), (37, 19), (4099, 4096), (2048, 14336)])
-def test_triton_and_cuda_sources_on_device(dtype, tokens, features):
-    from slora.kernels import native_ops
-
+def test_triton_stats_on_device(dtype, tokens, features):
     dev = "cuda"
     x = _data(tokens, features, dtype).to(dev)
     dy = _data(tokens, features + 5, dtype, 0.5).to(dev)
@@ -278,16 +275,6 @@ def test_triton_and_cuda_sources_on_device(dtype, tokens, features):
     ops.accumulate_grad_stats(dy, mask, tok, row, trace, backend="triton")
     for got, ref, name in zip((col, tok, row, trace[0]), want, ("col", "tok", "row", "trace")):
         _close(got.cpu(), ref.cpu(), dtype, f"triton cuda {name}")
-    ext = native_ops.cuda_reductions()
-    if ext is None:
-        pytest.skip("the CUDA sources could not be built here")
-    stream = torch.cuda.current_stream().cuda_stream
-    col2, tok2 = torch.zeros(features, device=dev), torch.full((tokens,), float("nan"), device=dev)
-    ext.sq_stats(x, mask, col2, tok2, None, None, 64, stream)
-    row2, trace2 = torch.zeros(features + 5, device=dev), torch.zeros(1, device=dev)
-    ext.sq_stats(dy, mask, row2, None, tok2, trace2, 64, stream)
-    for got, ref, name in zip((col2, tok2, row2, trace2[0]), want, ("col", "tok", "row", "trace")):
-        _close(got.cpu(), ref.cpu(), dtype, f"cuda source {name}")
 
 
 @pytest.mark.cuda

@@ -1,16 +1,5 @@
-"""Per-matrix calibration statistics of SPEC §1, reduced inside the forward and backward pass.
-
-Forward side (layer input ``x``, rows = tokens):   col_sq[j] += Σ_t x[t, j]²  and  ‖x_t‖²
-Backward side (output gradient ``dy``):             row_sq[i] += Σ_t dy[t, i]²,
-                                                    trace     += Σ_t ‖dy_t‖² ‖x_t‖²
-``fisher_exact``:                                   diag[i, j] += Σ_t dy[t, i]² x[t, j]²
-
-Padding rows are excluded through ``row_mask`` (True = real token).  Everything accumulates
-in fp32 whatever the input dtype; inputs are upcast before squaring so fp16 activations whose
-squares overflow fp16 are still correct.  The functions here are the plain PyTorch
-implementations (the reference every other backend is tested against); faster backends live
-beside them and are chosen by ``slora.ops``: the Triton kernels below (CUDA, or the CPU under
-``TRITON_INTERPRET=1``) and the C++ ops of ``csrc/sensitivity_cpu.cpp`` (``native_ops``).
+"""Triton kernels of the sensitivity statistics (backend ``triton``: CUDA, or the CPU under
+``TRITON_INTERPRET=1``); semantics in ``reference.py``, arguments checked by the registered ops.
 
 Triton design.  One streaming kernel, ``_sq_stats_kernel``, serves both sides: it reads its
 tensor once and produces column sums of squares, per-token sums of squares and, optionally, the
@@ -37,129 +26,6 @@ import functools
 
 import torch
 from torch import Tensor
-
-
-def accumulate_input_stats_torch(x: Tensor, row_mask: Tensor | None, col_sq: Tensor) -> Tensor:
-    """``col_sq += Σ_t m_t x_t²`` (in place); returns per-row ``‖x_t‖²`` in fp32 (0 if masked)."""
-    validate_input_stats(x, row_mask, col_sq)
-    sq = x.float().square()
-    token_sq = sq.sum(dim=1)
-    if row_mask is None:
-        col_sq += sq.sum(dim=0)
-        return token_sq
-    weights = row_mask.to(sq.dtype)
-    token_sq *= weights
-    col_sq.addmv_(sq.t(), weights)
-    return token_sq
-
-
-def accumulate_grad_stats_torch(
-    dy: Tensor, row_mask: Tensor | None, x_token_sq: Tensor, row_sq: Tensor, trace: Tensor
-) -> None:
-    """``row_sq += Σ_t m_t dy_t²`` and ``trace += Σ_t ‖dy_t‖² ‖x_t‖²`` (in place).
-
-    ``x_token_sq`` comes from :func:`accumulate_input_stats_torch` and is already 0 on masked
-    rows, so the trace needs no mask.
-    """
-    validate_grad_stats(dy, row_mask, x_token_sq, row_sq, trace)
-    sq = dy.float().square()
-    if row_mask is None:
-        row_sq += sq.sum(dim=0)
-    else:
-        row_sq.addmv_(sq.t(), row_mask.to(sq.dtype))
-    trace += torch.dot(sq.sum(dim=1), x_token_sq).reshape(trace.shape)
-
-
-def accumulate_fisher_exact_torch(
-    dy: Tensor, x: Tensor, row_mask: Tensor | None, diag: Tensor
-) -> None:
-    """``diag += (dy∘dy)ᵀ (x∘x)`` over unmasked rows (token-level empirical Fisher diagonal)."""
-    validate_fisher_exact(dy, x, row_mask, diag)
-    dy2 = dy.float().square()
-    x2 = x.float().square()
-    if row_mask is not None:
-        dy2 = dy2 * row_mask.to(dy2.dtype)[:, None]
-    if diag.device == dy2.device:
-        diag.addmm_(dy2.t(), x2)
-    else:
-        diag += (dy2.t() @ x2).to(diag.device)
-
-
-# --------------------------------------------------------------------------------------------
-# Argument checks shared by every backend.
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _check_features(name: str, t: Tensor) -> None:
-    if t.dim() != 2:
-        raise ValueError(f"{name} must be a 2-D [tokens, features] tensor, got {tuple(t.shape)}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-
-
-def _check_mask(row_mask: Tensor | None, tokens: int, device: torch.device) -> None:
-    if row_mask is None:
-        return
-    if row_mask.dtype != torch.bool or row_mask.shape != (tokens,):
-        raise ValueError(
-            f"row_mask must be a bool tensor of shape ({tokens},), "
-            f"got {row_mask.dtype} {tuple(row_mask.shape)}"
-        )
-    if row_mask.device != device:
-        raise ValueError(f"row_mask is on {row_mask.device}, expected {device}")
-
-
-def _check_buffer(name: str, buf: Tensor, shape: tuple[int, ...], device: torch.device) -> None:
-    if buf.dtype != torch.float32 or tuple(buf.shape) != shape:
-        raise ValueError(
-            f"{name} must be a float32 tensor of shape {shape}, got {buf.dtype} {tuple(buf.shape)}"
-        )
-    if buf.device != device:
-        raise ValueError(f"{name} is on {buf.device}, expected {device}")
-
-
-def validate_input_stats(x: Tensor, row_mask: Tensor | None, col_sq: Tensor) -> None:
-    """Check the arguments of ``accumulate_input_stats`` (clear errors naming the tensor)."""
-    _check_features("x", x)
-    _check_mask(row_mask, x.shape[0], x.device)
-    _check_buffer("col_sq", col_sq, (x.shape[1],), x.device)
-
-
-def validate_grad_stats(
-    dy: Tensor, row_mask: Tensor | None, x_token_sq: Tensor, row_sq: Tensor, trace: Tensor
-) -> None:
-    """Check the arguments of ``accumulate_grad_stats``."""
-    _check_features("dy", dy)
-    _check_mask(row_mask, dy.shape[0], dy.device)
-    _check_buffer("x_token_sq", x_token_sq, (dy.shape[0],), dy.device)
-    _check_buffer("row_sq", row_sq, (dy.shape[1],), dy.device)
-    if trace.dtype != torch.float32 or trace.numel() != 1 or trace.device != dy.device:
-        raise ValueError(
-            f"trace must be a one-element float32 tensor on {dy.device}, "
-            f"got {trace.dtype} {tuple(trace.shape)} on {trace.device}"
-        )
-
-
-def validate_fisher_exact(dy: Tensor, x: Tensor, row_mask: Tensor | None, diag: Tensor) -> None:
-    """Check the arguments of ``accumulate_fisher_exact`` (``diag`` may be on another device)."""
-    _check_features("dy", dy)
-    _check_features("x", x)
-    if x.shape[0] != dy.shape[0] or x.device != dy.device:
-        raise ValueError(
-            f"dy and x must have the same tokens and device, got dy {tuple(dy.shape)} on "
-            f"{dy.device} and x {tuple(x.shape)} on {x.device}"
-        )
-    _check_mask(row_mask, dy.shape[0], dy.device)
-    shape = (dy.shape[1], x.shape[1])
-    if diag.dtype != torch.float32 or tuple(diag.shape) != shape:
-        raise ValueError(
-            f"diag must be a float32 tensor of shape {shape}, got {diag.dtype} {tuple(diag.shape)}"
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# Triton kernels (imported lazily by slora.ops; triton is an optional dependency).
 
 try:
     import triton
@@ -372,16 +238,13 @@ def _sq_stats_launch(
     return tok, dot
 
 
-def accumulate_input_stats_triton(
-    x: Tensor, row_mask: Tensor | None, col_sq: Tensor, **launch: int
-) -> Tensor:
-    """Triton backend of :func:`accumulate_input_stats_torch` (one read of ``x``)."""
-    validate_input_stats(x, row_mask, col_sq)
+def input_stats(x: Tensor, row_mask: Tensor | None, col_sq: Tensor, **launch: int) -> Tensor:
+    """Triton ``input_stats``: one read of ``x`` (``launch`` overrides block sizes / splits)."""
     tok, _ = _sq_stats_launch(x, row_mask, col_sq, None, True, **launch)
     return tok
 
 
-def accumulate_grad_stats_triton(
+def grad_stats(
     dy: Tensor,
     row_mask: Tensor | None,
     x_token_sq: Tensor,
@@ -389,13 +252,12 @@ def accumulate_grad_stats_triton(
     trace: Tensor,
     **launch: int,
 ) -> None:
-    """Triton backend of :func:`accumulate_grad_stats_torch` (one read of ``dy``)."""
-    validate_grad_stats(dy, row_mask, x_token_sq, row_sq, trace)
+    """Triton ``grad_stats``: one read of ``dy``, the trace term fused."""
     _, dot = _sq_stats_launch(dy, row_mask, row_sq, x_token_sq.contiguous(), False, **launch)
     trace += dot.reshape(trace.shape)
 
 
-def accumulate_fisher_exact_triton(
+def fisher_exact(
     dy: Tensor,
     x: Tensor,
     row_mask: Tensor | None,
@@ -406,14 +268,13 @@ def accumulate_fisher_exact_triton(
     block_d: int | None = None,
     block_t: int | None = None,
 ) -> None:
-    """Triton backend of :func:`accumulate_fisher_exact_torch`: one fused GEMM, no squared copies.
+    """Triton ``fisher_exact``: one fused GEMM, no squared copies.
 
     ``precision`` is the fp32 ``tl.dot`` input precision: ``"tf32x3"`` (default on CUDA, fp32
     accuracy on tensor cores), ``"ieee"`` or ``"tf32"``.  A ``diag`` on another device (e.g.
     the CPU) receives the batch's contribution computed on ``dy``'s device.
     """
     _require_triton()
-    validate_fisher_exact(dy, x, row_mask, diag)
     T, n_out = dy.shape
     D = x.shape[1]
     if T == 0 or n_out == 0 or D == 0:
