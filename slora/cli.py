@@ -1,4 +1,7 @@
-"""``slora`` command line: ``demo`` (the main job), ``analyze``, ``bench``."""
+"""``slora`` command line: ``demo`` (the main job), ``analyze``, ``bench``, ``env``.
+
+Also runs as ``python -m slora`` (no console script needed).
+"""
 
 from __future__ import annotations
 
@@ -42,6 +45,12 @@ def _bench(args: argparse.Namespace) -> int:
     return bench.main(args.rest)
 
 
+def _env(args: argparse.Namespace) -> int:
+    from slora import env
+
+    return env.main()
+
+
 def _demo(args: argparse.Namespace) -> int:
     from slora import demo
 
@@ -74,12 +83,16 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
         help="train the fresh head alone for N epochs of the calibration data before calibrating",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--smoke", action="store_true", help="a tiny run that checks the pipeline")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a short run of the same pipeline (one seed, a few steps; also SLORA_DEMO_SMOKE=1)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slora", description=__doc__)
+    parser = argparse.ArgumentParser(prog="slora", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     an = sub.add_parser("analyze", help="sensitivity table and ranks on the embedded default")
     for p in (an,):
@@ -99,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="kernel benchmark table for this machine")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_bench)
+    env = sub.add_parser("env", help="versions, devices and kernel backends, for bug reports")
+    env.set_defaults(func=_env)
     return parser
 
 

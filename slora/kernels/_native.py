@@ -5,8 +5,10 @@ for CUDA sources, nvcc) and cached under ``$SLORA_CACHE`` (default ``~/.cache/sl
 the torch version and the set of sources, so installing slora never needs a compiler and never
 pulls torch into a build environment.  CUDA sources are compiled only when torch has CUDA, a
 device is visible and nvcc is found, for the architecture of the current device
-(``TORCH_CUDA_ARCH_LIST`` overrides it).  When the build is impossible slora warns once and the
-ops fall back to PyTorch.  ``SLORA_NO_NATIVE=1`` skips native code altogether.
+(``TORCH_CUDA_ARCH_LIST`` overrides it).  A build that has to run says so once on stderr (about a
+minute on two cores); loading a cached one is silent.  When the build is impossible slora warns
+once and the ops fall back to PyTorch.  ``SLORA_NO_NATIVE=1`` skips native code altogether.
+:data:`status` records what happened (``slora env`` prints it).
 
 Adding an op family's sources:
 
@@ -26,6 +28,8 @@ import functools
 import hashlib
 import os
 import shutil
+import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +52,8 @@ FAMILIES: dict[str, NativeSources] = {
 }
 
 _warned = False
+# extension name -> "cached (dir)", "built now in N s (dir)", "disabled (...)" or "failed: ..."
+status: dict[str, str] = {}
 
 
 def csrc_dir() -> Path:
@@ -60,9 +66,13 @@ def csrc_dir() -> Path:
 
 
 def cache_dir(name: str) -> Path:
+    """Build directory of ``name``, keyed by the torch version and install location (two
+    environments with the same torch compile against different include paths, so sharing one
+    directory would rebuild on every switch between them)."""
     root = Path(os.environ.get("SLORA_CACHE", Path.home() / ".cache" / "slora"))
     tag = torch.__version__.replace("+", "_")
-    path = root / f"torch-{tag}" / name
+    where = hashlib.sha256(str(Path(torch.__file__).resolve().parent).encode()).hexdigest()[:8]
+    path = root / f"torch-{tag}-{where}" / name
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -84,10 +94,26 @@ def _cuda_arch() -> str:
     return f"{major}.{minor}"
 
 
-def _warn(exc: Exception) -> None:
+def _needs_build(build_dir: Path, name: str, sources: list[str]) -> bool:
+    """True unless a built library newer than every source is already in ``build_dir``."""
+    built = build_dir / f"{name}.so"
+    if not built.exists():
+        return True
+    return built.stat().st_mtime < max(Path(s).stat().st_mtime for s in sources)
+
+
+def _announce(message: str) -> None:
+    """One line on stderr, kept clear of any progress bar being drawn there."""
+    from tqdm import tqdm
+
+    tqdm.write(f"slora: {message}", file=sys.stderr)
+
+
+def _warn(name: str, exc: Exception) -> None:
     global _warned
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    status[name] = f"failed: {type(exc).__name__}: {first}"
     if not _warned:
-        first = str(exc).splitlines()[0] if str(exc) else ""
         warnings.warn(
             f"slora: the native C++ ops could not be built ({type(exc).__name__}: {first}); "
             "falling back to PyTorch. Install a C++ compiler and `pip install ninja` to "
@@ -101,14 +127,15 @@ def _warn(exc: Exception) -> None:
 @functools.cache
 def extension() -> ModuleType | None:
     """The built and imported native extension (cached), or None (one warning per process)."""
-    if os.environ.get("SLORA_NO_NATIVE", "") not in ("", "0"):
-        return None
     with_cuda = cuda_build_possible()
     sources = ["bindings.cpp"]
     for family in FAMILIES.values():
         sources += family.cpu + (family.cuda if with_cuda else ())
     key = hashlib.sha1("\n".join(sources).encode()).hexdigest()[:8]
     name = f"slora_native_{'cuda_' if with_cuda else ''}{key}"
+    if os.environ.get("SLORA_NO_NATIVE", "") not in ("", "0"):
+        status[name] = "disabled (SLORA_NO_NATIVE)"
+        return None
     try:
         from torch.utils.cpp_extension import load
 
@@ -117,18 +144,34 @@ def extension() -> ModuleType | None:
         if with_cuda:
             os.environ["TORCH_CUDA_ARCH_LIST"] = _cuda_arch()
             kwargs["extra_cuda_cflags"] = ["-O3", *defines]
-        return load(
+        paths = [str(csrc_dir() / s) for s in sources]
+        build_dir = cache_dir(name)
+        building = _needs_build(build_dir, name, paths)
+        if building:
+            _announce(
+                f"building the native C++ ops '{name}' (first use; about a minute on two cores, "
+                f"then cached in {build_dir}) ..."
+            )
+        start = time.perf_counter()
+        module = load(
             name=name,
-            sources=[str(csrc_dir() / s) for s in sources],
+            sources=paths,
             extra_cflags=["-O3", "-fopenmp", "-march=native", "-ffp-contract=fast", *defines],
             extra_ldflags=["-fopenmp"],
-            build_directory=str(cache_dir(name)),
+            build_directory=str(build_dir),
             verbose=os.environ.get("SLORA_VERBOSE_BUILD", "") not in ("", "0"),
             **kwargs,
         )
     except Exception as exc:  # noqa: BLE001 - any build failure means "fall back"
-        _warn(exc)
+        _warn(name, exc)
         return None
+    if building:
+        seconds = time.perf_counter() - start
+        _announce(f"native C++ ops '{name}' built in {seconds:.0f} s")
+        status[name] = f"built now in {seconds:.0f} s ({build_dir})"
+    else:
+        status[name] = f"cached ({build_dir})"
+    return module
 
 
 def available() -> bool:

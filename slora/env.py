@@ -1,0 +1,139 @@
+"""``slora env``: the versions, devices and kernel backends of this machine, for bug reports.
+
+Like ``python -m torch.utils.collect_env``: it prints what decides which code runs — package
+versions, the CUDA device, whether the native C++ ops are built (or were built just now, or
+failed and why), whether Triton is usable, and the backend each op will use per device.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import shutil
+import subprocess
+import sys
+
+PACKAGES = ("torch", "triton", "transformers", "peft", "numpy", "safetensors", "ninja")
+ENV_VARS = (
+    "SLORA_BACKEND",
+    "SLORA_NO_NATIVE",
+    "SLORA_CACHE",
+    "SLORA_DATA",
+    "TRITON_INTERPRET",
+    "CUDA_VISIBLE_DEVICES",
+)
+
+
+def package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not cxx:
+        return "none found (native ops fall back to PyTorch)"
+    try:
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=10)
+        return f"{cxx}: {out.stdout.splitlines()[0] if out.stdout else 'unknown version'}"
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"{cxx}: not runnable ({exc})"
+
+
+def _cuda() -> list[tuple[str, str]]:
+    import torch
+
+    rows = [("torch CUDA build", str(torch.version.cuda))]
+    if not torch.cuda.is_available():
+        return [*rows, ("CUDA device", "none")]
+    for i in range(torch.cuda.device_count()):
+        major, minor = torch.cuda.get_device_capability(i)
+        rows.append((f"CUDA device {i}", f"{torch.cuda.get_device_name(i)} (sm_{major}{minor})"))
+    return rows
+
+
+def _triton() -> str:
+    import torch
+
+    if package_version("triton") == "not installed":
+        return "not installed"
+    from slora import ops
+
+    if torch.cuda.is_available():
+        return "usable on CUDA"
+    if ops._triton_usable("cpu"):
+        return "usable on the CPU in interpreter mode (TRITON_INTERPRET=1)"
+    return "installed; CPU tensors need TRITON_INTERPRET=1, no CUDA device"
+
+
+def _native() -> str:
+    from slora.kernels import _native, native_ops
+
+    native_ops.available()  # builds on first use (announced on stderr) or loads the cache
+    return "; ".join(f"{k}: {v}" for k, v in _native.status.items()) or "no native sources"
+
+
+def _backends() -> list[tuple[str, str]]:
+    import torch
+
+    from slora import ops
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    rows = []
+    for op, table in ops._IMPLEMENTATIONS.items():
+        cells = []
+        for device in devices:
+            try:
+                chosen = ops.resolve_backend(device)
+            except (RuntimeError, ValueError) as exc:
+                cells.append(f"{device}: error ({exc})")
+                continue
+            runs = chosen if chosen in table else f"torch (no {chosen} implementation)"
+            cells.append(f"{device}: {runs}")
+        rows.append((f"op {op}", ", ".join(cells)))
+    return rows
+
+
+def collect() -> list[tuple[str, str]]:
+    """(field, value) rows; never raises for a missing optional package."""
+    import torch
+
+    import slora
+    from slora import embedded
+
+    rows = [
+        ("slora", f"{slora.__version__} ({os.path.dirname(slora.__file__)})"),
+        ("python", f"{platform.python_version()} ({sys.executable})"),
+        ("platform", f"{platform.platform()}, {os.cpu_count()} CPUs"),
+        ("torch threads", str(torch.get_num_threads())),
+    ]
+    rows += [(name, package_version(name)) for name in PACKAGES]
+    rows += _cuda()
+    rows.append(("C++ compiler", _compiler()))
+    rows.append(("native C++ ops", _native()))
+    rows.append(("Triton kernels", _triton()))
+    rows += _backends()
+    rows.append(("embedded data", f"{embedded.data_dir()} ({_embedded_state(embedded)})"))
+    rows += [(f"${v}", os.environ[v]) for v in ENV_VARS if v in os.environ]
+    return rows
+
+
+def _embedded_state(embedded) -> str:
+    try:
+        embedded.model_path(), embedded.sentences_path()
+    except FileNotFoundError:
+        return "not installed: run `python -m slora.embedded`"
+    return "installed"
+
+
+def format_rows(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def main() -> int:
+    print(format_rows(collect()))
+    return 0
