@@ -202,6 +202,13 @@ def test_peft_methods_run_at_the_same_average_rank(tmp_path):
     kw = dict(task=task, recipe=recipe, plans=plans, calib=calib, eval_set=ev, progress=False)
     ada = demo.run_one("adalora", 0, 5e-3, **kw)
     assert len(ada["ranks"]) == 12 and all(0 <= r <= 3 for r in ada["ranks"].values())
+    # AdaLoRA trains init_r = 3 triplets per module, then prunes to the same total rank as
+    # uniform (2 per module); its final budget counts only the kept triplets (A row, B column,
+    # E entry), so it is comparable with the other methods' LoRA parameters.
+    uniform = plans["uniform"]
+    assert sum(ada["ranks"].values()) == sum(uniform.ranks.values())
+    kept = sum(r * (sum(uniform.dims[n]) + 1) for n, r in ada["ranks"].items())
+    assert ada["final_lora_params"] == kept < ada["lora_params"]
     eva = demo.run_one("eva", 0, 5e-3, **kw)
     assert len(eva["ranks"]) == 12 and sum(eva["ranks"].values()) <= 2 * 12
     assert eva["lora_params"] > 0 and 0.0 <= eva["accuracy"] <= 1.0
@@ -219,6 +226,26 @@ def test_bad_arguments_are_named(tmp_path):
         demo.run_demo(task, tiny_recipe(lr=0.0), tmp_path, [0], progress=False)
     with pytest.raises(ValueError, match="unknown method"):
         demo.prepare("dora", tiny_bert(), task, tiny_recipe(), {}, 4, [])
+
+
+def test_smoke_mode_from_the_flag_or_the_environment(monkeypatch):
+    from slora.cli import build_parser
+    from slora.demo.cli import settings
+
+    monkeypatch.delenv("SLORA_DEMO_SMOKE", raising=False)
+    default = settings(build_parser().parse_args(["demo"]))
+    assert not default.smoke and default.seeds == [0, 1, 2] and default.recipe == demo.Recipe()
+    assert default.methods == ("uniform", "sensitivity") and default.sweep is None
+    flag = settings(build_parser().parse_args(["demo", "--smoke"]))
+    monkeypatch.setenv("SLORA_DEMO_SMOKE", "1")
+    env = settings(build_parser().parse_args(["demo"]))
+    for run in (flag, env):
+        assert run.smoke and run.seeds == [0] and run.recipe.n_train == 32
+        assert run.methods == default.methods  # the same pipeline, shorter
+    full = settings(build_parser().parse_args(["demo", "--full"]))
+    assert full.seeds == [0] and set(full.sweep) == set(demo.FULL_METHODS)  # smoke still on
+    monkeypatch.setenv("SLORA_DEMO_SMOKE", "0")
+    assert not settings(build_parser().parse_args(["demo"])).smoke
 
 
 def test_cli_parses_demo_options():

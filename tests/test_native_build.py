@@ -1,0 +1,86 @@
+"""The JIT build of the native ops announces itself once, only when it really builds, and
+records what happened (``slora env`` prints it).  torch's ``load`` is replaced by a stand-in
+that writes the library file, so no compiler runs here."""
+
+from __future__ import annotations
+
+import os
+import types
+
+import pytest
+import torch.utils.cpp_extension
+
+from slora.kernels import _native
+
+SOURCES = ("bindings.cpp",)
+
+
+@pytest.fixture
+def fake_build(tmp_path, monkeypatch):
+    """A stand-in for torch's ``load`` that 'builds' by writing NAME.so; counts its builds."""
+    monkeypatch.setenv("SLORA_CACHE", str(tmp_path))
+    monkeypatch.delenv("SLORA_NO_NATIVE", raising=False)
+    monkeypatch.setattr(_native, "status", {})
+    builds: list[str] = []
+
+    def load(name, sources, build_directory, **_):
+        lib = os.path.join(build_directory, f"{name}.so")
+        if not os.path.exists(lib) or os.path.getmtime(lib) < max(map(os.path.getmtime, sources)):
+            builds.append(name)
+            open(lib, "w").close()
+        return types.ModuleType(name)
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", load)
+    _native.load_extension.cache_clear()
+    yield builds
+    _native.load_extension.cache_clear()
+
+
+def test_a_build_is_announced_once_and_a_cached_load_is_silent(fake_build, capsys):
+    assert _native.load_extension("ext_a", SOURCES) is not None
+    err = capsys.readouterr().err
+    assert err.count("building the native C++ ops 'ext_a'") == 1 and "built in" in err
+    assert "cached in" in err and fake_build == ["ext_a"]
+    assert _native.status["ext_a"].startswith("built now")
+    _native.load_extension("ext_a", SOURCES)  # same process: functools.cache, nothing printed
+    assert capsys.readouterr().err == ""
+    _native.load_extension.cache_clear()  # a later process: the library is cached
+    _native.load_extension("ext_a", SOURCES)
+    assert capsys.readouterr().err == "" and fake_build == ["ext_a"]
+    assert _native.status["ext_a"].startswith("cached")
+
+
+def test_sources_newer_than_the_library_are_rebuilt_and_announced(fake_build, capsys):
+    _native.load_extension("ext_b", SOURCES)
+    lib = _native.cache_dir("ext_b") / "ext_b.so"
+    os.utime(lib, (0, 0))  # older than every source
+    _native.load_extension.cache_clear()
+    _native.load_extension("ext_b", SOURCES)
+    assert capsys.readouterr().err.count("building the native C++ ops 'ext_b'") == 2
+    assert fake_build == ["ext_b", "ext_b"]
+
+
+def test_a_failed_build_warns_once_and_records_the_reason(fake_build, monkeypatch):
+    def broken(**_):
+        raise OSError("no compiler here\nsecond line")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda *a, **k: broken())
+    monkeypatch.setattr(_native, "_warned", False)
+    with pytest.warns(RuntimeWarning, match="could not be built.*no compiler here"):
+        assert _native.load_extension("ext_c", SOURCES) is None
+    assert _native.status["ext_c"] == "failed: OSError: no compiler here"
+
+
+def test_disabled_native_ops_are_reported(fake_build, monkeypatch, capsys):
+    monkeypatch.setenv("SLORA_NO_NATIVE", "1")
+    assert _native.load_extension("ext_d", SOURCES) is None
+    assert _native.status["ext_d"].startswith("disabled") and fake_build == []
+    assert capsys.readouterr().err == ""
+
+
+def test_cache_dirs_differ_per_torch_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("SLORA_CACHE", str(tmp_path))
+    here = _native.cache_dir("x")
+    monkeypatch.setattr(_native.torch, "__file__", str(tmp_path / "venv" / "torch" / "__init__.py"))
+    there = _native.cache_dir("x")
+    assert here != there and here.parent.name.startswith("torch-") and here.name == "x"
