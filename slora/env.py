@@ -60,34 +60,38 @@ def _triton() -> str:
 
     if package_version("triton") == "not installed":
         return "not installed"
-    from slora import ops
+    from slora.kernels.backend import triton_usable
 
     if torch.cuda.is_available():
         return "usable on CUDA"
-    if ops._triton_usable("cpu"):
+    if triton_usable("cpu"):
         return "usable on the CPU in interpreter mode (TRITON_INTERPRET=1)"
     return "installed; CPU tensors need TRITON_INTERPRET=1, no CUDA device"
 
 
 def _native() -> str:
-    from slora.kernels import _native, native_ops
+    from slora.kernels import _native
 
-    native_ops.available()  # builds on first use (announced on stderr) or loads the cache
+    _native.available()  # builds on first use (announced on stderr) or loads the cache
     return "; ".join(f"{k}: {v}" for k, v in _native.status.items()) or "no native sources"
 
 
 def _backends() -> list[tuple[str, str]]:
+    """Per op and device: the backend that runs it (an op without that backend runs torch)."""
     import torch
 
     from slora import ops
+    from slora.kernels.backend import resolve_backend
+    from slora.kernels.multi_lora import backends as multi_lora_backends
 
+    tables = {**ops._IMPLEMENTATIONS, "multi_lora": multi_lora_backends.FORWARD}
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []
-    for op, table in ops._IMPLEMENTATIONS.items():
+    for op, table in tables.items():
         cells = []
         for device in devices:
             try:
-                chosen = ops.resolve_backend(device)
+                chosen = resolve_backend(device)
             except (RuntimeError, ValueError) as exc:
                 cells.append(f"{device}: error ({exc})")
                 continue

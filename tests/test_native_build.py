@@ -12,8 +12,6 @@ import torch.utils.cpp_extension
 
 from slora.kernels import _native
 
-SOURCES = ("bindings.cpp",)
-
 
 @pytest.fixture
 def fake_build(tmp_path, monkeypatch):
@@ -31,33 +29,34 @@ def fake_build(tmp_path, monkeypatch):
         return types.ModuleType(name)
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", load)
-    _native.load_extension.cache_clear()
+    _native.extension.cache_clear()
     yield builds
-    _native.load_extension.cache_clear()
+    _native.extension.cache_clear()
 
 
 def test_a_build_is_announced_once_and_a_cached_load_is_silent(fake_build, capsys):
-    assert _native.load_extension("ext_a", SOURCES) is not None
+    assert _native.extension() is not None
+    (name,) = fake_build
     err = capsys.readouterr().err
-    assert err.count("building the native C++ ops 'ext_a'") == 1 and "built in" in err
-    assert "cached in" in err and fake_build == ["ext_a"]
-    assert _native.status["ext_a"].startswith("built now")
-    _native.load_extension("ext_a", SOURCES)  # same process: functools.cache, nothing printed
+    assert err.count(f"building the native C++ ops '{name}'") == 1 and "built in" in err
+    assert "cached in" in err
+    assert _native.status[name].startswith("built now")
+    _native.extension()  # same process: functools.cache, nothing printed
     assert capsys.readouterr().err == ""
-    _native.load_extension.cache_clear()  # a later process: the library is cached
-    _native.load_extension("ext_a", SOURCES)
-    assert capsys.readouterr().err == "" and fake_build == ["ext_a"]
-    assert _native.status["ext_a"].startswith("cached")
+    _native.extension.cache_clear()  # a later process: the library is cached
+    _native.extension()
+    assert capsys.readouterr().err == "" and fake_build == [name]
+    assert _native.status[name].startswith("cached")
 
 
 def test_sources_newer_than_the_library_are_rebuilt_and_announced(fake_build, capsys):
-    _native.load_extension("ext_b", SOURCES)
-    lib = _native.cache_dir("ext_b") / "ext_b.so"
-    os.utime(lib, (0, 0))  # older than every source
-    _native.load_extension.cache_clear()
-    _native.load_extension("ext_b", SOURCES)
-    assert capsys.readouterr().err.count("building the native C++ ops 'ext_b'") == 2
-    assert fake_build == ["ext_b", "ext_b"]
+    _native.extension()
+    (name,) = fake_build
+    os.utime(_native.cache_dir(name) / f"{name}.so", (0, 0))  # older than every source
+    _native.extension.cache_clear()
+    _native.extension()
+    assert capsys.readouterr().err.count(f"building the native C++ ops '{name}'") == 2
+    assert fake_build == [name, name]
 
 
 def test_a_failed_build_warns_once_and_records_the_reason(fake_build, monkeypatch):
@@ -67,14 +66,14 @@ def test_a_failed_build_warns_once_and_records_the_reason(fake_build, monkeypatc
     monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda *a, **k: broken())
     monkeypatch.setattr(_native, "_warned", False)
     with pytest.warns(RuntimeWarning, match="could not be built.*no compiler here"):
-        assert _native.load_extension("ext_c", SOURCES) is None
-    assert _native.status["ext_c"] == "failed: OSError: no compiler here"
+        assert _native.extension() is None
+    assert list(_native.status.values()) == ["failed: OSError: no compiler here"]
 
 
 def test_disabled_native_ops_are_reported(fake_build, monkeypatch, capsys):
     monkeypatch.setenv("SLORA_NO_NATIVE", "1")
-    assert _native.load_extension("ext_d", SOURCES) is None
-    assert _native.status["ext_d"].startswith("disabled") and fake_build == []
+    assert _native.extension() is None
+    assert list(_native.status.values()) == ["disabled (SLORA_NO_NATIVE)"] and fake_build == []
     assert capsys.readouterr().err == ""
 
 
