@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -60,12 +58,6 @@ def write_adapter(path: Path, targets: dict[str, tuple[int, int]], rank: int, se
     return path
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timed rounds")
@@ -80,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     from peft import PeftModel
 
     import slora
+    from slora.benchmarking import measure
     from slora.core.targets import find_targets, linear_dims
     from slora.embedded import load_model
 
@@ -157,13 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
         ours, theirs = run_pool_mixed(), run_peft_mixed()
         err = (ours - theirs).abs().max().item()
         moved = (ours - run_base()).abs().max().item()
-        for fn in configs.values():  # warm-up
-            fn()
-        times: dict[str, list[float]] = {k: [] for k in configs}
-        for _ in range(args.repeats):
-            for key, fn in configs.items():
-                times[key].append(timed(fn))
-    med = {k: statistics.median(v) for k, v in times.items()}
+        timings = measure(configs, rounds=args.repeats)  # interleaved, after a warm-up
+    times = {k: t.samples for k, t in timings.items()}
+    med = {k: t.median for k, t in timings.items()}
     over = {k: med[k] - med["base"] for k in configs if k not in ("base", "kernels_mixed")}
     over["kernels_mixed"] = med["kernels_mixed"]  # already a pure overhead
     result = {

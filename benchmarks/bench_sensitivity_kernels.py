@@ -13,17 +13,16 @@ table).  A summary table is printed at the end of the module.
 from __future__ import annotations
 
 import contextlib
-import os
 
 import pytest
 import torch
 
 from slora import ops
+from slora.benchmarking import Row, format_table, peak_bandwidth
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 REPS = 20 if CUDA else 1  # calls per timed round (one sync per round on CUDA; see us_per_call)
-PEAK_GBPS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0, "L40S": 864.0, "A10": 600.0}
 
 if CUDA:
     STAT_SHAPES = [(8192, 4096), (8192, 14336), (2048, 1024)]
@@ -51,15 +50,6 @@ BACKENDS = _backends()
 _RESULTS: dict[tuple, dict[str, float]] = {}
 
 
-def _peak_gbps() -> float | None:
-    if os.environ.get("SLORA_PEAK_GBPS"):
-        return float(os.environ["SLORA_PEAK_GBPS"])
-    if not CUDA:
-        return None
-    name = torch.cuda.get_device_name()
-    return next((bw for key, bw in PEAK_GBPS.items() if key in name), None)
-
-
 def _sync() -> None:
     if CUDA:
         torch.cuda.synchronize()
@@ -83,9 +73,9 @@ def _run(benchmark, key: tuple, backend: str, fn, bytes_moved: int, flops: int =
         info["TFLOP/s"] = flops / per_call / 1e12
     if "torch" in entry and backend != "torch":
         info["speedup_vs_torch"] = entry["torch"] / per_call
-    peak = _peak_gbps()
+    peak = peak_bandwidth(DEVICE)
     if peak:
-        floor = bytes_moved / (peak * 1e9)
+        floor = bytes_moved / peak
         info["floor_us"] = floor * 1e6
         info["fraction_of_bandwidth"] = floor / per_call
         entry[f"{backend}_floor"] = floor
@@ -147,16 +137,13 @@ def _summary(request):
 
 
 def _print_summary(write) -> None:
-    others = [b for b in BACKENDS if b != "torch"]
+    rows = [
+        Row(" ".join(map(str, key)), b, entry[b], entry["torch"], entry.get(f"{b}_floor"))
+        for key, entry in _RESULTS.items()
+        for b in BACKENDS
+        if b in entry and "torch" in entry
+    ]
     write("")
     write(f"sensitivity kernels on {torch.cuda.get_device_name() if CUDA else 'CPU'} "
-          f"({torch.get_num_threads()} threads): µs per call, speedup vs torch")  # fmt: skip
-    for key, entry in _RESULTS.items():
-        parts = [f"torch {entry.get('torch', float('nan')) * 1e6:9.1f}"]
-        for b in others:
-            if b in entry:
-                parts.append(f"{b} {entry[b] * 1e6:9.1f} (x{entry['torch'] / entry[b]:.2f})")
-                if f"{b}_floor" in entry:
-                    floor = entry[f"{b}_floor"]
-                    parts.append(f"floor {floor * 1e6:.1f} ({floor / entry[b]:.0%} of peak BW)")
-        write(f"{' '.join(map(str, key)):42} " + "  ".join(parts))
+          f"({torch.get_num_threads()} threads)")  # fmt: skip
+    write(format_table(rows, baseline="torch"))

@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime as dt
+import functools
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -133,16 +132,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from slora import ops
+    from slora.benchmarking import measure
 
     model, batches = _setup(*shape)
-    for name in METHODS:  # warm-up
-        RUNNERS[name](model, batches[:1], args.estimator)
-    times = {name: [] for name in METHODS}
-    for _ in range(args.repeats):
-        for name in METHODS:
-            t0 = time.perf_counter()
-            RUNNERS[name](model, batches, args.estimator)
-            times[name].append(time.perf_counter() - t0)
+    runs = {
+        name: functools.partial(RUNNERS[name], model, batches, args.estimator) for name in METHODS
+    }
+    timings = measure(runs, rounds=args.repeats)  # interleaved, after a warm-up
+    times = {name: t.samples for name, t in timings.items()}
     memory = {}
     for name in METHODS:
         cmd = [
@@ -164,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
         memory[name] = json.loads(out.strip().splitlines()[-1])["extra_peak_mib"]
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = {k: t.median for k, t in timings.items()}
     extra = {k: memory[k] - memory["plain"] for k in ("slora", "naive")}
     result = {
         "date": dt.date.today().isoformat(),

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +20,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from slora.benchmarking import Row, format_table, measure, peak_bandwidth
 from slora.kernels.multi_lora import PackedAdapters
 
 RANKS = (8, 16, 32, 64)
+BASELINES = ("loop (PEFT)", "padded gather (vLLM ref)")
 
 
 @dataclass
@@ -127,33 +127,14 @@ def padded_baseline(x: Tensor, token_slots: Tensor, Ap: Tensor, Bp: Tensor) -> T
     return y * (token_slots >= 0).to(y.dtype)[:, None]
 
 
-# --- timing ----------------------------------------------------------------------------------
-
-
-def time_fn(fn: Callable[[], object], *, min_time: float = 0.3, sync: bool = False) -> float:
-    """Median seconds of ``fn`` over repeated runs (after one warm-up)."""
-    fn()
-    samples: list[float] = []
-    start = time.perf_counter()
-    while time.perf_counter() - start < min_time or len(samples) < 5:
-        if sync:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            torch.cuda.synchronize()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
-
-
 def contenders(case: Case, device: str) -> dict[str, Callable[[], object]]:
     """Everything timed on one case, by name."""
     from slora import ops
 
     Ap, Bp = pad_adapters(case.adapters)
     fns: dict[str, Callable[[], object]] = {
-        "loop (PEFT)": lambda: loop_baseline(case.x, case.token_slots, case.adapters),
-        "padded gather (vLLM ref)": lambda: padded_baseline(case.x, case.token_slots, Ap, Bp),
+        BASELINES[0]: lambda: loop_baseline(case.x, case.token_slots, case.adapters),
+        BASELINES[1]: lambda: padded_baseline(case.x, case.token_slots, Ap, Bp),
     }
     seg = dict(seg_indptr=case.seg_indptr, seg_slots=case.seg_slots)
     slots = None if case.seg_indptr is not None else case.token_slots
@@ -183,51 +164,31 @@ def floor_seconds(case: Case, bandwidth: float) -> float:
     return (weights + io) * el / bandwidth
 
 
-def run(cases: list[Case], device: str, min_time: float, bandwidth: float | None) -> list[dict]:
+def run(cases: list[Case], device: str, min_time: float, bandwidth: float | None) -> list[Row]:
+    """Every contender of every case, timed interleaved, against the faster baseline."""
     rows = []
     for case in cases:
-        times = {
-            name: time_fn(fn, min_time=min_time, sync=device == "cuda")
-            for name, fn in contenders(case, device).items()
-        }
-        best_base = min(times["loop (PEFT)"], times["padded gather (vLLM ref)"])
-        for name, t in times.items():
-            row = {
-                "case": case.name,
-                "impl": name,
-                "ms": t * 1e3,
-                "vs_best_baseline": best_base / t,
-            }
-            if bandwidth:
-                row["floor_ms"] = floor_seconds(case, bandwidth) * 1e3
-            rows.append(row)
+        times = measure(contenders(case, device), min_time=min_time)
+        best_base = min(times[b].median for b in BASELINES)
+        floor = floor_seconds(case, bandwidth) if bandwidth else None
+        rows += [Row(case.name, name, t.median, best_base, floor) for name, t in times.items()]
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
-    has_floor = any("floor_ms" in r for r in rows)
-    head = f"{'case':<18}{'implementation':<36}{'ms':>10}{'speed-up vs best baseline':>28}"
-    print(head + (f"{'% of floor':>12}" if has_floor else ""))
-    for r in rows:
-        line = f"{r['case']:<18}{r['impl']:<36}{r['ms']:>10.3f}{r['vs_best_baseline']:>27.2f}x"
-        if has_floor:
-            line += f"{100 * r['floor_ms'] / r['ms']:>11.1f}%"
-        print(line)
-
-
-def plot(rows: list[dict], path: str) -> None:
+def plot(rows: list[Row], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = list(dict.fromkeys(r["case"] for r in rows))
+    cases = list(dict.fromkeys(r.case for r in rows))
     fig, axes = plt.subplots(1, len(cases), figsize=(6 * len(cases), 4), squeeze=False)
     for ax, case in zip(axes[0], cases):
-        sub = [r for r in rows if r["case"] == case]
-        ax.barh([r["impl"] for r in sub], [r["ms"] for r in sub], color="tab:blue")
-        if "floor_ms" in sub[0]:
-            ax.axvline(sub[0]["floor_ms"], color="tab:red", ls="--", label="bandwidth floor")
+        sub = [r for r in rows if r.case == case]
+        ax.barh([r.impl for r in sub], [r.seconds * 1e3 for r in sub], color="tab:blue")
+        if sub[0].floor_seconds is not None:
+            floor_ms = sub[0].floor_seconds * 1e3
+            ax.axvline(floor_ms, color="tab:red", ls="--", label="bandwidth floor")
             ax.legend()
         ax.set_xscale("log")
         ax.set_xlabel("ms, log scale (lower is better)")
@@ -246,7 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="directory for slora_bench.png / .json")
     parser.add_argument("--plot", default=None, help="PNG path (default: OUT/slora_bench.png)")
     parser.add_argument(
-        "--bandwidth", type=float, default=4.8e12, help="CUDA memory bandwidth, bytes/s (H200)"
+        "--bandwidth",
+        type=float,
+        default=None,
+        help="peak memory bandwidth, bytes/s (default: the device's, see slora.benchmarking)",
     )
     args = parser.parse_args(argv)
     if args.threads:
@@ -264,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         f"slora bench on {args.device} ({torch.get_num_threads()} CPU threads), {dt}, d={d}, "
         f"16 adapters with ranks {RANKS}"
     )
-    rows = run(cases, args.device, args.min_time, args.bandwidth if args.device == "cuda" else None)
-    print_table(rows)
+    rows = run(cases, args.device, args.min_time, args.bandwidth or peak_bandwidth(args.device))
+    print(format_table(rows))
     out_dir = Path(args.out or ".")
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_path = args.plot or str(out_dir / "slora_bench.png")
@@ -273,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"device": args.device, "threads": torch.get_num_threads(), "dtype": str(dt), "d": d}
     if args.device == "cuda":
         meta["gpu"] = torch.cuda.get_device_name()
-    (out_dir / "slora_bench.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    doc = {**meta, "rows": [r.as_dict() for r in rows]}
+    (out_dir / "slora_bench.json").write_text(json.dumps(doc, indent=1))
     print(f"plot written to {plot_path}, table to {out_dir / 'slora_bench.json'}")
     return 0
 

@@ -1,0 +1,43 @@
+"""The benchmark harness shared by ``slora bench`` and ``benchmarks/``."""
+
+from __future__ import annotations
+
+import pytest
+
+from slora import benchmarking as bm
+
+
+def test_measure_interleaves_rounds_after_one_warm_up():
+    calls: list[str] = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    out = bm.measure(fns, rounds=3)
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up, then a/b alternate every round
+    assert set(out) == {"a", "b"} and all(len(t.samples) == 3 for t in out.values())
+    assert all(0 <= t.min <= t.median for t in out.values())
+    with pytest.raises(ValueError, match="rounds"):
+        bm.measure(fns, rounds=0)
+
+
+def test_measure_with_min_time_uses_blocked_autorange():
+    calls = []
+    out = bm.measure({"f": lambda: calls.append(1)}, rounds=2, min_time=0.02)
+    assert len(out["f"].samples) == 2 and len(calls) > 3
+
+
+def test_peak_bandwidth_override_and_cpu(monkeypatch):
+    monkeypatch.delenv("SLORA_PEAK_GBPS", raising=False)
+    assert bm.peak_bandwidth("cpu") is None
+    monkeypatch.setenv("SLORA_PEAK_GBPS", "100")
+    assert bm.peak_bandwidth("cpu") == 100e9
+
+
+def test_table_reports_speedup_against_the_baseline_and_the_floor():
+    rows = [bm.Row("decode", "loop", 2e-3, 2e-3), bm.Row("decode", "slora", 5e-4, 2e-3, 1e-4)]
+    text = bm.format_table(rows, baseline="loop")
+    head, loop, ours = text.splitlines()
+    assert "speed-up vs loop" in head and "% of floor" in head
+    assert loop.split()[-1] == "1.00x" and ours.split()[-2:] == ["4.00x", "20.0%"]
+    assert rows[1].as_dict() == {
+        "case": "decode", "impl": "slora", "ms": 0.5, "speedup_vs_baseline": 4.0,
+        "floor_ms": 0.1, "fraction_of_floor": pytest.approx(0.2),
+    }  # fmt: skip
