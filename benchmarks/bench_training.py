@@ -20,10 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 import zlib
 
 import torch
+
+from slora.benchmarking import measure
 
 RANKS = (4, 8, 12, 16)
 SCALE = 2.0
@@ -120,16 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             for k in ref:
                 torch.testing.assert_close(grads[k], ref[k], rtol=1e-3, atol=1e-6, msg=k)
         model.train().zero_grad(set_to_none=True)
-    times: dict[str, list[float]] = {k: [] for k in kinds}
-    for _, step in runs.values():
-        step()  # warm-up
-    for rnd in range(args.repeats):
-        order = kinds if rnd % 2 == 0 else kinds[::-1]
-        for kind in order:
-            t0 = time.perf_counter()
-            runs[kind][1]()
-            times[kind].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    timings = measure({k: runs[k][1] for k in kinds}, rounds=args.repeats)  # interleaved
+    med = {k: t.median * 1e3 for k, t in timings.items()}
     print(f"training step, MiniLM-L6, 36 LoRA Linears, ranks {RANKS}, batch 16x64, fp32, "
           f"{torch.get_num_threads()} threads, {args.repeats} interleaved rounds")  # fmt: skip
     for k in kinds:

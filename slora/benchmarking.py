@@ -3,8 +3,9 @@
 device's peak memory bandwidth, and one table writer (time, speed-up against the baseline
 measured in the same run, share of the bandwidth floor).
 
-Interleaving — every contender once per round, ``rounds`` rounds, the median per contender —
-makes load from other jobs on a shared machine hit every contender alike.
+Interleaving — every contender once per round, the order reversed every other round, ``rounds``
+rounds, the median per contender — makes load from other jobs on a shared machine and slow
+drifts (clock, caches, allocator) hit every contender alike.
 """
 
 from __future__ import annotations
@@ -62,8 +63,10 @@ def measure(
     for fn in fns.values():
         fn()
     out = {name: Timing([]) for name in fns}
-    for _ in range(rounds):
-        for name, timer in timers.items():
+    names = list(fns)
+    for rnd in range(rounds):
+        for name in names if rnd % 2 == 0 else names[::-1]:
+            timer = timers[name]
             if min_time > 0:
                 sample = timer.blocked_autorange(min_run_time=min_time / rounds).median
             else:

@@ -58,7 +58,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``slora demo`` options (see slora/demo.py for the recipe)."""
+    """The ``slora demo`` options (see slora/demo/ for the recipe)."""
     parser.add_argument("--out", default="slora-demo", help="output directory")
     parser.add_argument("--seeds", type=int, default=None, help="paired seeds (3; 5 with --full)")
     parser.add_argument(
