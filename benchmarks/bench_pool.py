@@ -1,4 +1,4 @@
-"""AdapterPool against PEFT's mixed-batch forward on the embedded MiniLM (SPEC §4, issue 7).
+"""AdapterPool against PEFT's mixed-batch forward on the embedded MiniLM.
 
     python benchmarks/bench_pool.py [--repeats 7] [--targets all|qv] [--json out.json]
 

@@ -1,6 +1,6 @@
 """Benchmark: the whole sensitivity pass against a plain backward and the naive Σ grad² method.
 
-On the embedded MiniLM model over 8 batches of 16 × 64 tokens (SPEC issue 2, item 8):
+On the embedded MiniLM model over 8 batches of 16 × 64 tokens:
 - ``plain``  forward + backward with frozen weights (activation gradients only): the floor;
 - ``slora``  ``slora.analyze(estimator=...)`` — statistics reduced in the pass, report built;
 - ``naive``  target weights ``requires_grad``, accumulate ``weight.grad ** 2`` after each batch.

@@ -1,8 +1,9 @@
 """``slora bench``: the grouped heterogeneous-rank LoRA kernels against their baselines.
 
-Shapes follow ANCHORS.md, scaled to the machine: on the CPU d = 2048, 16 adapters with ranks
-{8, 16, 32, 64}, decode T = 64 (each token its own slot) and prefill T = 1024 in 8 segments,
-fp32; on CUDA d = 4096, the same rank mix, decode T = 64 and prefill T = 8192, bf16.
+Shapes are those of a typical multi-adapter server, scaled to the machine: on the CPU
+d = 2048, 16 adapters with ranks {8, 16, 32, 64}, decode T = 64 (each token its own slot) and
+prefill T = 1024 in 8 segments, fp32; on CUDA d = 4096, the same rank mix, decode T = 64 and
+prefill T = 8192, bf16.
 Baselines, timed in the same run: (a) a loop over adapters (PEFT's mixed batch), (b) weights
 gathered per token, padded to the largest rank (vLLM's PyTorch reference).  On CUDA also the
 memory-bandwidth floor at true ranks and the same Triton kernel on adapters padded to the

@@ -1,4 +1,5 @@
-"""Independent float64 implementations of SPEC §1–2, written for the tests only.
+"""Independent float64 implementations of the metrics and their combination (docs/method.md),
+written for the tests only.
 
 They materialise everything (token-level tensors, every Hessian-diagonal entry) — slow but
 obviously right — and share no code with slora.
@@ -46,7 +47,7 @@ def metrics(estimator: str, xs, dys, topk_frac=0.5, alpha=0.85) -> dict[str, flo
 
 
 def combine(ms: dict[str, dict[str, float]]) -> dict[str, float]:
-    """θ per matrix, SPEC §2, with numpy."""
+    """θ per matrix (docs/method.md, "Combination"), with numpy."""
 
     def w(v):
         v = np.asarray(v, dtype=np.float64)

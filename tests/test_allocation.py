@@ -1,4 +1,4 @@
-"""Rank allocation invariants (SPEC §2)."""
+"""Rank allocation invariants (docs/method.md, "Allocation")."""
 
 import math
 

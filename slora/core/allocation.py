@@ -1,4 +1,5 @@
-"""``slora.allocate``: turn sensitivity scores into one LoRA rank per matrix (SPEC §2).
+"""``slora.allocate``: turn sensitivity scores into one LoRA rank per matrix
+(docs/method.md, "Allocation").
 
 SRA gives each matrix a share of the budget proportional to its score θ.  Bounds are met by
 water-filling: the continuous solution is r_w = clip(λ·θ_w, lo, hi) with λ found by bisection
@@ -168,7 +169,7 @@ def allocate(
     *,
     pra_bands: int = 4,
 ) -> RankPlan:
-    """Split a rank budget over the report's matrices by sensitivity (SPEC §2).
+    """Split a rank budget over the report's matrices by sensitivity (docs/method.md, "Allocation").
 
     The budget is ``avg_rank × number of matrices`` ranks (``budget="rank"``) or the same
     number of trainable parameters as rank ``avg_rank`` everywhere (``budget="params"``).

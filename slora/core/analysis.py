@@ -203,7 +203,7 @@ def analyze(
     alpha: float = 0.85,
     backend: str | None = None,
 ) -> SensitivityReport:
-    """Estimate every target matrix's sensitivity over calibration batches (SPEC §1).
+    """Estimate every target matrix's sensitivity over calibration batches (docs/method.md).
 
     The model comes back as it went in: hooks removed, ``requires_grad`` and train/eval mode
     restored; its weights never receive a gradient.  Batches whose loss or gradients are not
@@ -332,7 +332,7 @@ def build_report(
     topk_frac: float = 0.5,
     alpha: float = 0.85,
 ) -> SensitivityReport:
-    """Metrics per matrix, then their combination into scores (SPEC §1–2)."""
+    """Metrics per matrix, then their combination into scores (docs/method.md)."""
     metrics = {name: matrix_metrics(estimator, s, topk_frac, alpha) for name, s in stats.items()}
     combined = combine(metrics)
     modules = {

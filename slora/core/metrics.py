@@ -1,4 +1,5 @@
-"""Sensitivity metrics (SPEC §1) from calibration statistics, and their combination (SPEC §2)."""
+"""Sensitivity metrics from calibration statistics and their combination into scores
+(docs/method.md, "Metrics" and "Combination")."""
 
 from __future__ import annotations
 

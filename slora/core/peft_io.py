@@ -1,4 +1,4 @@
-"""Adapters on disk in the PEFT format (SPEC §5): ``adapter_config.json`` +
+"""Adapters on disk in the PEFT format: ``adapter_config.json`` +
 ``adapter_model.safetensors``.
 
 By default the per-module scale is folded into ``lora_B`` and every module's alpha equals its

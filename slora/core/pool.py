@@ -1,4 +1,4 @@
-"""Serving many adapters of different ranks on one base model (SPEC §4).
+"""Serving many adapters of different ranks on one base model (docs/api.md, "AdapterPool").
 
 ``AdapterPool`` puts one forward hook on each target linear, once.  Outside a ``use`` context
 the hooks return at once and the model is the plain base model; inside, each target adds

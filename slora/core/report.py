@@ -1,4 +1,4 @@
-"""SensitivityReport: per-matrix sensitivities with the JSON schema of SPEC §3."""
+"""SensitivityReport: per-matrix sensitivities and their JSON form (docs/api.md, "Reports")."""
 
 from __future__ import annotations
 
