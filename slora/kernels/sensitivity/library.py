@@ -1,4 +1,5 @@
-"""The sensitivity statistics as ops of PyTorch's dispatcher (docs/kernels.md, "Registered ops"):
+"""The sensitivity statistics as ops of PyTorch's dispatcher (docs/kernels.md,
+"Sensitivity statistics ops"):
 
 - ``slora::input_stats(x, row_mask?, col_sq!, backend) -> Tensor``: ``col_sq += Σ_t m_t x_t²``,
   returns ``‖x_t‖²`` (fp32, 0 on masked rows);
