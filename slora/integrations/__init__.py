@@ -1,0 +1,1 @@
+"""Integrations of slora's kernels into other systems (each imports its system lazily)."""

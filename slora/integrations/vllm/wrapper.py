@@ -1,0 +1,151 @@
+"""slora's punica wrappers: vLLM's CPU / GPU wrappers with ``add_lora_linear`` on slora's ops.
+
+A wrapper is shared by all LoRA layers of a model.  Per step, ``update_metadata`` (vLLM's,
+then :meth:`SloraWrapperMixin.update_metadata`) turns the per-token slots (−1 = no adapter;
+prefill and decode tokens alike) into slora's token groups, written into fixed buffers that
+every layer reads (no per-layer metadata, no host sync, fixed addresses for CUDA graphs).
+``add_lora_linear`` then runs all slices of a layer in one ``slora.ops.multi_lora`` call
+(the C++ op on the CPU, the Triton kernels on CUDA) on the layer's true-rank
+:class:`~slora.integrations.vllm.storage.LayerAdapters`.  Calls this path does not cover
+(another scale, a caller-provided buffer, LoRA weights in another dtype than the
+activations) and every other wrapper method run vLLM's own implementation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from slora import ops
+from slora.integrations.vllm.storage import LayerAdapters
+
+
+class SloraWrapperMixin:
+    """The slora part of the wrappers; combined with vLLM's wrapper class below."""
+
+    def _slora_setup(self, max_num_batched_tokens: int, device: Any, lora_config: Any) -> None:
+        dev = torch.device(device)
+        slots = int(lora_config.max_loras)
+        self._slora_slots = slots
+        self._slora_layers: dict[int, LayerAdapters | None] = {}
+        self._slora_order = torch.zeros(max_num_batched_tokens, dtype=torch.int64, device=dev)
+        self._slora_group_slot = torch.arange(slots, dtype=torch.int64, device=dev)
+        self._slora_group_start = torch.zeros(slots, dtype=torch.int64, device=dev)
+        self._slora_group_len = torch.zeros(slots, dtype=torch.int64, device=dev)
+
+    # -- adapters -----------------------------------------------------------------------------
+
+    def slora_register(self, layer: Any) -> None:
+        """Give ``layer`` its true-rank storage (None: the layer keeps vLLM's kernels)."""
+        stacked = getattr(layer, "lora_a_stacked", None)
+        if not isinstance(stacked, tuple) or not stacked:
+            return  # not a LoRA linear layer (embeddings, logits): vLLM's kernels
+        key = id(stacked[0])
+        if key not in self._slora_layers:
+            self._slora_layers[key] = LayerAdapters(layer) if LayerAdapters.supports(layer) else None
+
+    def slora_load(self, layer: Any, slot: int, rank: int) -> None:
+        """Mirror vLLM's freshly written slot ``slot`` of ``layer`` (rank ≤ ``rank``)."""
+        self.slora_register(layer)
+        stacked = getattr(layer, "lora_a_stacked", None)
+        if isinstance(stacked, tuple) and stacked:
+            store = self._slora_layers.get(id(stacked[0]))
+            if store is not None:
+                store.load(layer, slot, rank)
+
+    def slora_storage(self, lora_a_stacked: tuple[Tensor, ...]) -> LayerAdapters | None:
+        """The storage of the layer owning ``lora_a_stacked`` (None if it has none)."""
+        return self._slora_layers.get(id(lora_a_stacked[0]))
+
+    # -- per-step metadata --------------------------------------------------------------------
+
+    def update_metadata(self, mapping: Any, lora_index_to_id: list[int | None], max_loras: int,
+                        vocab_size: int, **kwargs: Any) -> None:  # fmt: skip
+        super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)  # type: ignore[misc]
+        slots = self.token_lora_indices  # type: ignore[attr-defined]
+        meta = ops.build_token_meta(slots, self._slora_slots, validate=False)
+        self._slora_order[: slots.shape[0]].copy_(meta.order)
+        self._slora_group_start.copy_(meta.group_start)
+        self._slora_group_len.copy_(meta.group_len)
+
+    def slora_meta(self, num_tokens: int) -> ops.LoRAMeta:
+        """This step's token groups for a layer input of ``num_tokens`` rows (rows past the
+        step's real tokens — CUDA-graph padding — belong to no group and are not read)."""
+        return ops.LoRAMeta(
+            num_tokens,
+            self._slora_order[:num_tokens],
+            self._slora_group_slot,
+            self._slora_group_start,
+            self._slora_group_len,
+        )
+
+    # -- the hot path -------------------------------------------------------------------------
+
+    def add_lora_linear(
+        self,
+        y: Tensor,
+        x: Tensor,
+        lora_a_stacked: tuple[Tensor, ...],
+        lora_b_stacked: tuple[Tensor, ...],
+        scale: float,
+        output_slices: tuple[int, ...],
+        *,
+        buffer: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        """``y[:, slices] += B_slot(t) (A_slot(t) x_t)`` for every token and slice, one call."""
+        store = self.slora_storage(lora_a_stacked)
+        if store is None or scale != 1.0 or buffer is not None or x.dtype != store.packed.dtype:
+            return super().add_lora_linear(  # type: ignore[misc]
+                y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer,
+                **kwargs,
+            )  # fmt: skip
+        y2 = y.view(-1, y.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        if not kwargs.get("add_inputs", True):
+            y2.zero_()
+        ops.multi_lora(x2, None, store.packed, meta=self.slora_meta(x2.shape[0]), out=y2)
+        return y
+
+
+def _cpu_class() -> type:
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    class SloraPunicaWrapperCPU(SloraWrapperMixin, PunicaWrapperCPU):
+        """vLLM's CPU wrapper with LoRA linear layers on slora's C++ op."""
+
+        def __init__(self, max_num_batched_tokens: int, max_batches: int, device: Any,
+                     **kwargs: Any) -> None:  # fmt: skip
+            PunicaWrapperCPU.__init__(self, max_num_batched_tokens, max_batches, device, **kwargs)
+            self._slora_setup(max_num_batched_tokens, device, kwargs["lora_config"])
+
+    return SloraPunicaWrapperCPU
+
+
+def _gpu_class() -> type:
+    from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
+
+    class SloraPunicaWrapperGPU(SloraWrapperMixin, PunicaWrapperGPU):  # type: ignore[misc]
+        """vLLM's GPU wrapper with LoRA linear layers on slora's Triton kernels."""
+
+        def __init__(self, max_num_batched_tokens: int, max_batches: int, device: Any,
+                     **kwargs: Any) -> None:  # fmt: skip
+            PunicaWrapperGPU.__init__(self, max_num_batched_tokens, max_batches, device, **kwargs)
+            self._slora_setup(max_num_batched_tokens, device, kwargs["lora_config"])
+
+    return SloraPunicaWrapperGPU
+
+
+_CLASSES = {"SloraPunicaWrapperCPU": _cpu_class, "SloraPunicaWrapperGPU": _gpu_class}
+
+
+def __getattr__(name: str) -> type:
+    """The wrapper classes subclass vLLM's and are built on first use (vLLM imported then)."""
+    if name in _CLASSES:
+        cls = _CLASSES[name]()
+        cls.__module__ = __name__
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
