@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from slora.ops import PackedAdapters
@@ -58,7 +57,7 @@ class LayerAdapters:
             capacity_rows=max_loras * pad_rank * len(sizes) if reserve else 0,
             capacity_b=max_loras * pad_rank * sum(sizes) if reserve else 0,
         )
-        if reserve and hasattr(self.packed, "reserve_rank"):
+        if reserve:  # and traced once: the intermediate buffer's size must not change either
             self.packed.reserve_rank(self.pad_rank)
 
     @staticmethod

@@ -44,7 +44,8 @@ class SloraWrapperMixin:
             return  # not a LoRA linear layer (embeddings, logits): vLLM's kernels
         key = id(stacked[0])
         if key not in self._slora_layers:
-            self._slora_layers[key] = LayerAdapters(layer) if LayerAdapters.supports(layer) else None
+            supported = LayerAdapters.supports(layer)
+            self._slora_layers[key] = LayerAdapters(layer) if supported else None
 
     def slora_load(self, layer: Any, slot: int, rank: int) -> None:
         """Mirror vLLM's freshly written slot ``slot`` of ``layer`` (rank ≤ ``rank``)."""
@@ -64,9 +65,19 @@ class SloraWrapperMixin:
     def update_metadata(self, mapping: Any, lora_index_to_id: list[int | None], max_loras: int,
                         vocab_size: int, **kwargs: Any) -> None:  # fmt: skip
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)  # type: ignore[misc]
-        slots = self.token_lora_indices  # type: ignore[attr-defined]
-        meta = ops.build_token_meta(slots, self._slora_slots, validate=False)
-        self._slora_order[: slots.shape[0]].copy_(meta.order)
+        self.slora_set_token_slots(self.token_lora_indices)  # type: ignore[attr-defined]
+
+    def slora_set_token_slots(self, token_slots: Tensor) -> None:
+        """Build this step's token groups from the per-token slots (−1 = no adapter) into
+        the fixed buffers every layer reads: once per step, sync-free."""
+        n = token_slots.shape[0]
+        if n > self._slora_order.shape[0]:
+            raise ValueError(
+                f"token_slots has {n} tokens, more than the {self._slora_order.shape[0]} "
+                "the wrapper was built for (max_num_batched_tokens)"
+            )
+        meta = ops.build_token_meta(token_slots, self._slora_slots, validate=False)
+        self._slora_order[:n].copy_(meta.order)
         self._slora_group_start.copy_(meta.group_start)
         self._slora_group_len.copy_(meta.group_len)
 

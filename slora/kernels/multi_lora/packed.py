@@ -106,6 +106,7 @@ class PackedAdapters:
         # host mirror: slot -> [(rank, a_off, b_off, scale) per slice]
         self._host: dict[int, list[tuple[int, int, int, float]]] = {}
         self._max_rank = 0  # a plain int, so that torch.compile guards on it without tracing
+        self._rank_floor = 0  # see reserve_rank
 
     # -- construction -------------------------------------------------------------------------
 
@@ -223,7 +224,8 @@ class PackedAdapters:
                 self._a_free.release(a_off, r)
                 self._b_free.release(b_off, r * self.slice_sizes[s])
         self._write_meta(slot, [(0, 0, 0, 0.0)] * self.n_slices)
-        self._max_rank = max((r for h in self._host.values() for r, *_ in h), default=0)
+        loaded = [r for h in self._host.values() for r, *_ in h]
+        self._max_rank = max([self._rank_floor, *loaded])
 
     def _alloc(self, which: str, n: int) -> int:
         free = self._a_free if which == "A" else self._b_free
@@ -260,9 +262,19 @@ class PackedAdapters:
         """``(rank, a_offset, b_offset, scale)`` per slice of ``slot`` (host copy, no sync)."""
         return self._host.get(slot, [(0, 0, 0, 0.0)] * self.n_slices)
 
+    def reserve_rank(self, rank: int) -> None:
+        """Keep :attr:`max_rank` at least ``rank`` whatever is loaded: a caller whose calls are
+        traced once and replayed (``torch.compile`` without guards, CUDA graphs) then never
+        sees it change as adapters come and go."""
+        if rank < 0:
+            raise ValueError(f"rank must be non-negative, got {rank}")
+        self._rank_floor = int(rank)
+        self._max_rank = max(self._max_rank, self._rank_floor)
+
     @property
     def max_rank(self) -> int:
-        """Largest rank of any loaded (slot, slice); sizes the kernels' intermediate buffer."""
+        """Largest rank of any loaded (slot, slice), at least :meth:`reserve_rank`'s; sizes
+        the kernels' intermediate buffer."""
         return self._max_rank
 
     def weights(self) -> KernelWeights:
