@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from vllm_scenarios import padded_reference
 
 from slora import ops
 from slora.integrations import vllm as plugin
@@ -64,14 +65,7 @@ class Layer:
                 b[slot, 0, :, :r] = (torch.randn(b.shape[2], r, generator=gen) * 0.3).to(b)
 
     def reference(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """float64 delta from the padded buffers (every row, padded or not)."""
-        parts = []
-        for a, b in zip(self.lora_a_stacked, self.lora_b_stacked):
-            A = a[:, 0].double()[slots.clamp(min=0)]  # [T, R, d_in]
-            B = b[:, 0].double()[slots.clamp(min=0)]  # [T, d_s, R]
-            d = torch.einsum("tsr,tr->ts", B, torch.einsum("trd,td->tr", A, x.double()))
-            parts.append(torch.where((slots >= 0)[:, None], d, 0.0))
-        return torch.cat(parts, dim=1)
+        return padded_reference(self.lora_a_stacked, self.lora_b_stacked, x, slots)
 
 
 def _setup(device, dtype, sizes=(24, 8, 8), d_in=40, max_loras=4, pad_rank=16):
@@ -267,8 +261,9 @@ def test_switch_off_leaves_vllm_alone(monkeypatch):
 
 
 def test_entry_point_is_declared():
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     points = meta["project"]["entry-points"]["vllm.general_plugins"]

@@ -122,9 +122,7 @@ def _hf_greedy(model, prompt: list[int]) -> dict:
             eos_token_id=None,
         )  # fmt: skip
     tokens = out.sequences[0, len(prompt) :].tolist()
-    logprobs = [
-        float(torch.log_softmax(s[0].double(), -1)[t]) for s, t in zip(out.scores, tokens)
-    ]
+    logprobs = [float(torch.log_softmax(s[0].double(), -1)[t]) for s, t in zip(out.scores, tokens)]
     return {"tokens": tokens, "logprobs": logprobs}
 
 
@@ -163,11 +161,60 @@ def engine(root: Path, dtype: str) -> dict:
     inspected = llm.collective_rpc(inspect_worker)[0]
     error = None
     try:
-        llm.generate(prompts[:1], params, lora_request=LoRARequest("too_big", 99,
-                                                                   str(root / "too_big")))
+        llm.generate(
+            prompts[:1], params, lora_request=LoRARequest("too_big", 99, str(root / "too_big"))
+        )
     except Exception as exc:  # noqa: BLE001 - the test compares vLLM's own error
         error = f"{type(exc).__name__}: {exc}"
     return {"results": results, "over_rank_error": error, **inspected}
+
+
+def padded_reference(lora_a_stacked, lora_b_stacked, x, slots):
+    """float64 LoRA delta of vLLM's padded slot buffers (scale folded into B; every row,
+    padded or not): ``[B_pad[s][k] (A_pad[s][k] x_t)]_s`` for token slot k, 0 for −1."""
+    import torch
+
+    parts = []
+    for a, b in zip(lora_a_stacked, lora_b_stacked):
+        A = a[:, 0].double()[slots.clamp(min=0)]  # [T, R, d_in]
+        B = b[:, 0].double()[slots.clamp(min=0)]  # [T, d_s, R]
+        d = torch.einsum("tsr,tr->ts", B, torch.einsum("trd,td->tr", A, x.double()))
+        parts.append(torch.where((slots >= 0)[:, None], d, 0.0))
+    return torch.cat(parts, dim=1)
+
+
+def check_layers(worker, num_tokens: int = 13) -> float | None:
+    """In the engine's worker, on the live state after serving: every LoRA linear layer's
+    ``add_lora_linear`` (random x, random slots incl. −1) against :func:`padded_reference` of
+    vLLM's own buffers; returns the largest error relative to the output's scale.  The
+    step's metadata is restored afterwards.  None when slora is not in place."""
+    import torch
+
+    manager = worker.model_runner.lora_manager._adapter_manager
+    wrapper = next(iter(manager.punica_wrapper_mapping.values()))
+    if not hasattr(wrapper, "slora_set_token_slots"):
+        return None
+    saved = [t.clone() for t in (wrapper._slora_order, wrapper._slora_group_start,
+                                 wrapper._slora_group_len)]  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for module in manager.modules.values():
+        stacked = getattr(module, "lora_a_stacked", None)
+        if not isinstance(stacked, tuple) or wrapper.slora_storage(stacked) is None:
+            continue
+        a0 = stacked[0]
+        slots = torch.randint(-1, a0.shape[0], (num_tokens,), generator=gen)
+        x = torch.randn(num_tokens, a0.shape[-1], generator=gen).to(a0)
+        y0 = torch.randn(num_tokens, sum(module.output_slices), generator=gen).to(a0)
+        wrapper.slora_set_token_slots(slots.to(a0.device))
+        y = y0.clone()
+        wrapper.add_lora_linear(y, x, stacked, module.lora_b_stacked, 1.0, module.output_slices)
+        ref = y0.double() + padded_reference(stacked, module.lora_b_stacked, x, slots)
+        worst = max(worst, float((y.double() - ref).abs().max() / (ref.abs().max() + 1.0)))
+    for buf, old in zip((wrapper._slora_order, wrapper._slora_group_start,
+                         wrapper._slora_group_len), saved):  # fmt: skip
+        buf.copy_(old)
+    return worst
 
 
 def inspect_worker(worker) -> dict:
@@ -180,7 +227,8 @@ def inspect_worker(worker) -> dict:
         if store is not None:
             for slot in range(store.packed.max_slots):
                 ranks.update(r for r, *_ in store.packed.host_meta(slot))
-    return {"wrapper": type(wrapper).__name__, "stored_ranks": sorted(ranks)}
+    return {"wrapper": type(wrapper).__name__, "stored_ranks": sorted(ranks),
+            "layer_error": check_layers(worker)}  # fmt: skip
 
 
 def main(argv: list[str]) -> None:

@@ -136,5 +136,3 @@ def patch_model_manager() -> None:
     LoRAModelManager._create_lora_modules = _create_lora_modules
     LoRAModelManager.activate_adapter = activate_adapter
     LoRAModelManager._slora_patched = True
-
-

