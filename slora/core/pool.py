@@ -51,20 +51,23 @@ class _Batch:
     slot: int  # the broadcast slot when ``slots`` is None
     layers: frozenset[str]
     names: tuple[str, ...]
-    routes: dict[tuple[int, int, torch.device], dict[str, Tensor | None]] = field(
+    routes: dict[tuple[int, int, torch.device, int], dict[str, object]] = field(
         default_factory=dict
     )
 
-    def route(self, n_seq: int, per_seq: int, device: torch.device) -> dict[str, Tensor | None]:
-        """multi_lora slot arguments for ``n_seq`` sequences of ``per_seq`` rows (cached)."""
-        key = (n_seq, per_seq, device)
+    def route(
+        self, n_seq: int, per_seq: int, device: torch.device, max_slots: int
+    ) -> dict[str, object]:
+        """multi_lora arguments for ``n_seq`` sequences of ``per_seq`` rows: the token-group
+        metadata, built once per batch shape and reused by every layer (cached)."""
+        key = (n_seq, per_seq, device, max_slots)
         hit = self.routes.get(key)
         if hit is not None:
             return hit
         slots = self.slots if self.slots is not None else [self.slot] * n_seq
         if per_seq == 1:  # decode: group the tokens of each adapter (weights read once)
-            route = {"token_slots": torch.tensor(slots, dtype=torch.int64, device=device)}
-            route.update(seg_indptr=None, seg_slots=None)
+            token_slots = torch.tensor(slots, dtype=torch.int64, device=device)
+            meta = ops.build_token_meta(token_slots, max_slots)
         else:  # prefill: sequences are contiguous row ranges; merge runs of one slot
             starts, run_slots = [0], []
             for b, s in enumerate(slots):
@@ -73,11 +76,13 @@ class _Batch:
                 else:
                     run_slots.append(s)
                     starts.append((b + 1) * per_seq)
-            route = {
-                "token_slots": None,
-                "seg_indptr": torch.tensor(starts, dtype=torch.int64, device=device),
-                "seg_slots": torch.tensor(run_slots, dtype=torch.int64, device=device),
-            }
+            meta = ops.build_segment_meta(
+                torch.tensor(starts, dtype=torch.int64, device=device),
+                torch.tensor(run_slots, dtype=torch.int64, device=device),
+                n_seq * per_seq,
+                max_slots,
+            )
+        route = {"token_slots": None, "meta": meta}
         self.routes[key] = route
         return route
 
@@ -381,7 +386,7 @@ class AdapterPool:
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] == 0:
             return None
-        route = batch.route(n_seq, x2.shape[0] // n_seq, x2.device)
+        route = batch.route(n_seq, x2.shape[0] // n_seq, x2.device, packed.max_slots)
         if x2.dtype != packed.dtype:
             x2 = x2.to(packed.dtype)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
