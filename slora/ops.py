@@ -119,19 +119,22 @@ def lora_slices(
     Bs: list[Tensor] | tuple[Tensor, ...],
     scales: list[float] | tuple[float, ...],
     backend: str | None = None,
-) -> Tensor:
+    *,
+    split: bool = False,
+) -> Tensor | list[Tensor]:
     """The LoRA branches of modules sharing one input (q/k/v, gate/up) in one grouped op.
 
     ``x`` is ``[..., d_in]``; slice s has ``A_s`` [r_s, d_in] and ``B_s`` [d_out_s, r_s]
-    (r_s may differ, may be 0).  Returns ``[..., Σ d_out_s]`` with gradients for x, A_s, B_s
-    (``slora::lora_slices``: one adapter's slices are dense GEMMs on every backend, so
-    ``backend`` is only validated).
+    (r_s may differ, may be 0).  Returns ``[..., Σ d_out_s]`` (with ``split``, the list of
+    ``[..., d_out_s]``) with gradients for x, A_s, B_s (``slora::lora_slices``: one adapter's
+    slices are dense GEMMs on every backend, so ``backend`` is only validated).
     """
     _ml_slices.check_slices(x, As, Bs, scales)
     if backend is not None:
         resolve_backend(x.device, backend)
     lead = x.shape[:-1]
-    y, _ = torch.ops.slora.lora_slices(
+    *ys, _ = torch.ops.slora.lora_slices(
         x.reshape(-1, x.shape[-1]), list(As), list(Bs), [float(s) for s in scales]
     )
-    return y.reshape(*lead, y.shape[-1])
+    ys = [y.view(*lead, y.shape[-1]) for y in ys]
+    return ys if split else torch.cat(ys, dim=-1)

@@ -49,8 +49,8 @@ def test_opcheck_lora_slices_ops():
     Bs = [torch.randn(d, r, requires_grad=True) for d, r in zip((7, 4, 6), (3, 0, 5))]
     x = torch.randn(9, 12, requires_grad=True)
     opcheck(torch.ops.slora.lora_slices.default, (x, As, Bs, [0.5, 1.0, 2.0]))
-    y, h = torch.ops.slora.lora_slices(x, As, Bs, [0.5, 1.0, 2.0])
-    dy = torch.randn_like(y)
+    *ys, h = torch.ops.slora.lora_slices(x, As, Bs, [0.5, 1.0, 2.0])
+    dy = [torch.randn_like(y) for y in ys]
     for needs in ((True, True), (False, True), (True, False)):
         opcheck(
             torch.ops.slora.lora_slices_backward.default,
@@ -161,7 +161,9 @@ def test_gradcheck_float64_torch_path():
         for d, r in zip((4, 2, 5), (2, 0, 3))
     ]
     x = torch.randn(5, 6, generator=gen, dtype=torch.float64, requires_grad=True)
-    fn = lambda x, *w: torch.ops.slora.lora_slices(x, list(w[:3]), list(w[3:]), [0.5, 1.0, 2.0])[0]  # noqa: E731
+    fn = lambda x, *w: tuple(
+        torch.ops.slora.lora_slices(x, list(w[:3]), list(w[3:]), [0.5, 1.0, 2.0])[:3]
+    )  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, *As, *Bs))
 
     packed = PackedAdapters.from_list(make_adapters([(2, 1), None, (3, 0)], 6, [4, 3]))

@@ -108,28 +108,25 @@ class LoraGroup:
     """LoRA layers whose base modules read the same input tensor (q/k/v, gate/up).
 
     The first member called with an input x computes every member's LoRA branch in one
-    grouped call (``slora.ops.lora_slices``: one launch, gradients for x, A and B); the other
-    members, called next with the *same tensor object*, take their column slice.  If a member
-    ever sees a different input while slices are pending, the members do not share their input
-    after all and the group switches itself off (each layer computes its own branch again).
+    grouped op (``slora.ops.lora_slices``: x read once, gradients for x, A and B, one output
+    per member); the other members, called next with the *same tensor object*, take theirs.
+    If a member ever sees a different input while outputs are pending, the members do not
+    share their input after all and the group switches itself off (each layer computes its
+    own branch again).  The state machine traces under ``torch.compile`` without graph breaks.
     """
 
     def __init__(self, members: list[LoraLinear]):
         self.members = list(members)
-        self.offsets: dict[int, tuple[int, int]] = {}
-        start = 0
         for m in self.members:
-            self.offsets[id(m)] = (start, start + m.d_out)
-            start += m.d_out
             m.group = self
         self.enabled = True
         self.grouped_calls = 0
         self._input: Tensor | None = None
-        self._delta: Tensor | None = None
+        self._deltas: dict[int, Tensor] = {}
         self._pending: set[int] = set()
 
     def _release(self) -> None:
-        self._input, self._delta, self._pending = None, None, set()
+        self._input, self._deltas, self._pending = None, {}, set()
 
     def delta_for(self, layer: LoraLinear, x: Tensor) -> Tensor | None:
         """This layer's scaled LoRA output for x, or None to let the layer compute it."""
@@ -138,8 +135,7 @@ class LoraGroup:
         if self._pending:
             if x is self._input and id(layer) in self._pending:
                 self._pending.discard(id(layer))
-                lo, hi = self.offsets[id(layer)]
-                delta = self._delta[..., lo:hi]
+                delta = self._deltas[id(layer)]
                 if not self._pending:
                     self._release()
                 return delta
@@ -147,17 +143,18 @@ class LoraGroup:
             self._release()
             return None
         dtype = layer.lora_A.weight.dtype
-        full = ops.lora_slices(
+        deltas = ops.lora_slices(
             x.to(dtype),
             [m.lora_A.weight for m in self.members],
             [m.lora_B.weight for m in self.members],
             [m.scale for m in self.members],
+            split=True,
         )
         self.grouped_calls += 1
-        self._input, self._delta = x, full
+        self._input = x
+        self._deltas = {id(m): d for m, d in zip(self.members, deltas)}
         self._pending = {id(m) for m in self.members} - {id(layer)}
-        lo, hi = self.offsets[id(layer)]
-        return full[..., lo:hi]
+        return self._deltas[id(layer)]
 
 
 def group_shared_inputs(layers: dict[str, LoraLinear]) -> list[LoraGroup]:

@@ -8,8 +8,10 @@ scaled expand per slice written straight into its output columns; the shrink out
 kept for the backward, which is one GEMM for dx and one for every A (over the concatenated
 ranks) plus one per slice for dh and dB.  fp32 math whatever the input dtype.
 
-- ``slora::lora_slices(x, As, Bs, scales) -> (y, h)``
-- ``slora::lora_slices_backward(dy, x, h, As, Bs, scales, needs_x, needs_w) -> Tensor[]``
+- ``slora::lora_slices(x, As, Bs, scales) -> Tensor[]``: ``[y_0, .., y_{S-1}, h]``, one output
+  per slice (so each member's gradient arrives on its own, with no slicing in autograd);
+- ``slora::lora_slices_backward(dys, x, h, As, Bs, scales, needs_x, needs_w) -> Tensor[]``:
+  ``[dx, dA_0, .., dB_0, ..]``.
 """
 
 from __future__ import annotations
@@ -30,34 +32,29 @@ def _f32(t: Tensor) -> Tensor:
 @torch.library.custom_op("slora::lora_slices", mutates_args=())
 def lora_slices_op(
     x: Tensor, As: list[Tensor], Bs: list[Tensor], scales: list[float]
-) -> tuple[Tensor, Tensor]:
+) -> list[Tensor]:
     xf = _f32(x)
-    h = xf @ torch.cat([_f32(a) for a in As]).t()  # [T, Σ r]
-    y = xf.new_empty(x.shape[0], sum(b.shape[0] for b in Bs))
-    rank = col = 0
+    h = xf @ torch.cat([_f32(a) for a in As]).t()  # [T, Σ r]: x read once for every slice
+    ys, rank = [], 0
     for A, B, scale in zip(As, Bs, scales):
-        r, d = A.shape[0], B.shape[0]
-        ys = y[:, col : col + d]
-        if r == 0:
-            ys.zero_()
-        else:
-            torch.addmm(ys, h[:, rank : rank + r], _f32(B).t(), beta=0, alpha=scale, out=ys)
-        rank, col = rank + r, col + d
-    return y.to(x.dtype), h
+        r = A.shape[0]
+        y = xf.new_empty(x.shape[0], B.shape[0])
+        torch.addmm(y, h[:, rank : rank + r], _f32(B).t(), beta=0, alpha=scale, out=y)
+        ys.append(y.to(x.dtype))
+        rank += r
+    return [*ys, h]
 
 
 @lora_slices_op.register_fake
 def _(x, As, Bs, scales):  # noqa: ANN001
     T = x.shape[0]
-    return (
-        x.new_empty(T, sum(b.shape[0] for b in Bs)),
-        x.new_empty(T, sum(a.shape[0] for a in As), dtype=acc_dtype(x.dtype)),
-    )
+    h = x.new_empty(T, sum(a.shape[0] for a in As), dtype=acc_dtype(x.dtype))
+    return [*(x.new_empty(T, b.shape[0]) for b in Bs), h]
 
 
 @torch.library.custom_op("slora::lora_slices_backward", mutates_args=())
 def lora_slices_backward_op(
-    dy: Tensor,
+    dys: list[Tensor],
     x: Tensor,
     h: Tensor,
     As: list[Tensor],
@@ -66,23 +63,20 @@ def lora_slices_backward_op(
     needs_x: bool,
     needs_w: bool,
 ) -> list[Tensor]:
-    dyf = _f32(dy)
     dh = torch.empty_like(h)
-    dBs = []
-    rank = col = 0
-    for A, B, scale in zip(As, Bs, scales):
-        r, d = A.shape[0], B.shape[0]
-        g = dyf[:, col : col + d]
-        if r:
-            dhs = dh[:, rank : rank + r]
-            torch.addmm(dhs, g, _f32(B), beta=0, alpha=scale, out=dhs)
+    dBs, rank = [], 0
+    for dy, A, B, scale in zip(dys, As, Bs, scales):
+        r = A.shape[0]
+        g = _f32(dy)
+        dhs = dh[:, rank : rank + r]
+        torch.addmm(dhs, g, _f32(B), beta=0, alpha=scale, out=dhs)
         if needs_w:
-            hs = h[:, rank : rank + r]
-            dBs.append(torch.addmm(h.new_empty(d, r), g.t(), hs,
-                                   beta=0, alpha=scale).to(B.dtype))  # fmt: skip
-        rank, col = rank + r, col + d
-    A_cat = torch.cat([_f32(a) for a in As])
-    dx = (dh @ A_cat).to(x.dtype) if needs_x else x.new_empty(0)
+            dB = torch.addmm(
+                h.new_empty(B.shape), g.t(), h[:, rank : rank + r], beta=0, alpha=scale
+            )
+            dBs.append(dB.to(B.dtype))
+        rank += r
+    dx = (dh @ torch.cat([_f32(a) for a in As])).to(x.dtype) if needs_x else x.new_empty(0)
     dAs = []
     if needs_w:
         dA_cat = dh.t() @ _f32(x)
@@ -91,7 +85,7 @@ def lora_slices_backward_op(
 
 
 @lora_slices_backward_op.register_fake
-def _(dy, x, h, As, Bs, scales, needs_x, needs_w):  # noqa: ANN001
+def _(dys, x, h, As, Bs, scales, needs_x, needs_w):  # noqa: ANN001
     dx = torch.empty_like(x) if needs_x else x.new_empty(0)
     weights = [torch.empty_like(t) for t in (*As, *Bs)] if needs_w else []
     return [dx, *weights]
@@ -99,21 +93,25 @@ def _(dy, x, h, As, Bs, scales, needs_x, needs_w):  # noqa: ANN001
 
 def _setup(ctx, inputs, output) -> None:  # noqa: ANN001
     x, As, Bs, scales = inputs
-    ctx.save_for_backward(x, output[1], *As, *Bs)
+    ctx.save_for_backward(x, output[-1], *As, *Bs)
     ctx.n, ctx.scales = len(As), scales
 
 
-def _backward(ctx, dy, dh):  # noqa: ANN001
+def _backward(ctx, grads):  # noqa: ANN001
     x, h, *weights = ctx.saved_tensors
     n = ctx.n
+    dys = [  # an unused slice's gradient may come as None
+        g if g is not None else x.new_zeros(x.shape[0], B.shape[0])
+        for g, B in zip(grads[:n], weights[n:])
+    ]
     needs_x = ctx.needs_input_grad[0]
     needs_w = any(_flat(ctx.needs_input_grad[1])) or any(_flat(ctx.needs_input_grad[2]))
-    grads = torch.ops.slora.lora_slices_backward(
-        dy, x, h, weights[:n], weights[n:], ctx.scales, needs_x, needs_w
+    out = torch.ops.slora.lora_slices_backward(
+        dys, x, h, weights[:n], weights[n:], ctx.scales, needs_x, needs_w
     )
-    dx = grads[0] if needs_x else None
-    dAs = list(grads[1 : 1 + n]) if needs_w else None
-    dBs = list(grads[1 + n :]) if needs_w else None
+    dx = out[0] if needs_x else None
+    dAs = list(out[1 : 1 + n]) if needs_w else None
+    dBs = list(out[1 + n :]) if needs_w else None
     return dx, dAs, dBs, None
 
 
