@@ -1,3 +1,3 @@
-"""Kernels: one file per op, each with its Triton kernel(s), launch wrapper, autograd Function
-(if any) and the plain PyTorch reference it is tested against.  Kernels know nothing about
-models, plans or PEFT; ``slora.ops`` picks the backend."""
+"""Kernels by op family (``multi_lora/``, ``sensitivity_stats``): reference implementations,
+Triton and native backends, and their ``torch.library`` registrations.  Kernels know nothing
+about models, plans or PEFT; ``slora.ops`` is the public surface over them (docs/kernels.md)."""
