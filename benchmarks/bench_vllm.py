@@ -113,6 +113,7 @@ def serve(root: Path, engine: str, rounds: int) -> dict[str, float]:
             dt = time.perf_counter() - t0
             best = max(best, sum(len(o.outputs[0].token_ids) for o in outs) / dt)
         result[name] = best
+    llm.llm_engine.engine_core.shutdown()  # no orphaned engine keeps the caller's pipes open
     return result
 
 

@@ -19,7 +19,7 @@ from slora.integrations import vllm as plugin
 from slora.integrations.vllm.storage import LayerAdapters, effective_rank, rank_hint
 from slora.integrations.vllm.wrapper import SloraWrapperMixin
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]  # the GPU script runs -m cuda
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 

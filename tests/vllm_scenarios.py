@@ -166,6 +166,7 @@ def engine(root: Path, dtype: str) -> dict:
         )
     except Exception as exc:  # noqa: BLE001 - the test compares vLLM's own error
         error = f"{type(exc).__name__}: {exc}"
+    llm.llm_engine.engine_core.shutdown()  # no orphaned engine keeps the caller's pipes open
     return {"results": results, "over_rank_error": error, **inspected}
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU check in one go: the CUDA tests (among them: opcheck of the Triton path, a decode step
-# with prebuilt metadata captured in a CUDA graph, grouped-op gradients), the native build on
-# CUDA (arch from the device), the kernel benchmarks and the whole-pass benchmark, then a table
-# in $OUT/summary.md.  Prepared and tried on the CPU; run on the lent GPU with
+# with prebuilt metadata captured in a CUDA graph, grouped-op gradients, the vLLM wrapper), the
+# native build on CUDA (arch from the device), the kernel benchmarks and the whole-pass
+# benchmark, then a table in $OUT/summary.md.  Prepared and tried on the CPU; run on the lent GPU with
 #   bash benchmarks/gpu/run.sh            (OUT defaults to benchmarks/results/gpu-<date>)
 # after `bash benchmarks/gpu/prepare_wheels.sh` here (carry benchmarks/gpu/wheels).
 set -uo pipefail
@@ -37,5 +37,9 @@ step cuda_tests 240 python3 -m pytest -q -x -m cuda tests/ -p no:cacheprovider
 step kernel_benchmarks 240 python3 -m pytest -q benchmarks/bench_*.py --benchmark-only \
   --benchmark-json="$OUT/benchmarks.json" -p no:cacheprovider
 step slora_bench 120 python3 -m slora.cli bench --out "$OUT"
+# the vLLM wrapper's CUDA path without vLLM (its tests ran with -m cuda above): one decode step
+# at true ranks vs padded to 64, against the bytes floor
+step vllm_wrapper_bench 120 python3 benchmarks/bench_vllm_wrapper.py --device cuda \
+  --json "$OUT/vllm_wrapper.json"
 python3 benchmarks/gpu/summarize.py "$OUT" > "$OUT/summary.md" 2>&1
 cat "$OUT/summary.md"

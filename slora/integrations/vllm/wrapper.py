@@ -121,6 +121,17 @@ class SloraWrapperMixin:
         return y
 
 
+class StandaloneWrapper(SloraWrapperMixin):
+    """The slora half of the wrapper without vLLM, for benchmarks: per-token slots are set
+    with :meth:`slora_set_token_slots`; layers are anything with vLLM's padded
+    ``lora_a_stacked`` / ``lora_b_stacked`` tuples."""
+
+    def __init__(self, max_num_batched_tokens: int, device: Any, max_loras: int) -> None:
+        from types import SimpleNamespace
+
+        self._slora_setup(max_num_batched_tokens, device, SimpleNamespace(max_loras=max_loras))
+
+
 def _cpu_class() -> type:
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
