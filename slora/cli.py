@@ -10,6 +10,40 @@ import sys
 from pathlib import Path
 
 
+def checked(kind: type, minimum: float, *, strict: bool = False):
+    """An argparse ``type=`` for a finite number ≥ ``minimum`` (> it when ``strict``)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(
+                f"expected a number {'>' if strict else '≥'} {minimum:g}, got {text!r}"
+            )
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE_INT = checked(int, 1)
+POSITIVE_FLOAT = checked(float, 0, strict=True)
+
+
+def learning_rates(text: str) -> str:
+    """``--lrs``: comma-separated positive numbers (checked here, split by the demo)."""
+    parts = [x.strip() for x in text.split(",")]
+    if not all(parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated learning rates, got {text!r}")
+    for part in parts:
+        POSITIVE_FLOAT(part)
+    return text
+
+
 def _analyze(args: argparse.Namespace) -> int:
     import slora
     from slora import embedded
@@ -60,16 +94,20 @@ def _demo(args: argparse.Namespace) -> int:
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``slora demo`` options (see slora/demo/ for the recipe)."""
     parser.add_argument("--out", default="slora-demo", help="output directory")
-    parser.add_argument("--seeds", type=int, default=None, help="paired seeds (3; 5 with --full)")
+    parser.add_argument(
+        "--seeds", type=POSITIVE_INT, default=None, help="paired seeds (3; 5 with --full)"
+    )
     parser.add_argument(
         "--full",
         action="store_true",
         help="add PEFT AdaLoRA and EVA, 5 seeds, and a learning-rate sweep per method",
     )
     parser.add_argument(
-        "--lr", type=float, default=None, help="LoRA learning rate (5e-4; head 10×)"
+        "--lr", type=POSITIVE_FLOAT, default=None, help="LoRA learning rate (5e-4; head 10×)"
     )
-    parser.add_argument("--lrs", default=None, help="--full sweep, comma separated")
+    parser.add_argument(
+        "--lrs", type=learning_rates, default=None, help="--full sweep, comma separated"
+    )
     parser.add_argument(
         "--estimator", default=None, choices=["activation", "fisher", "fisher_exact"]
     )
@@ -78,11 +116,11 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--calib-head-epochs",
-        type=int,
+        type=checked(int, 0),
         default=0,
         help="train the fresh head alone for N epochs of the calibration data before calibrating",
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads")
     parser.add_argument(
         "--smoke",
         action="store_true",
@@ -99,11 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--estimator", default="fisher", choices=["activation", "fisher", "fisher_exact"]
         )
-        p.add_argument("--avg-rank", type=float, default=4)
+        p.add_argument("--avg-rank", type=POSITIVE_FLOAT, default=4)
         p.add_argument("--budget", default="rank", choices=["rank", "params"])
-        p.add_argument("--batches", type=int, default=8)
-        p.add_argument("--batch-size", type=int, default=16)
-        p.add_argument("--max-length", type=int, default=64)
+        p.add_argument("--batches", type=POSITIVE_INT, default=8)
+        p.add_argument("--batch-size", type=POSITIVE_INT, default=16)
+        p.add_argument("--max-length", type=POSITIVE_INT, default=64)
         p.add_argument("--out", default="slora-out")
     an.set_defaults(func=_analyze)
     demo = sub.add_parser("demo", help="Sensitivity-LoRA vs uniform LoRA on the embedded default")

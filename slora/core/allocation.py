@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from slora.core.checks import finite_number, read_json, whole_number
 from slora.core.report import SensitivityReport
 
 METHODS = ("sra", "uniform", "pra")
@@ -54,23 +55,30 @@ class RankPlan:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RankPlan:
-        try:
-            ranks = {str(n): int(r) for n, r in data["ranks"].items()}
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ValueError(f"not a RankPlan: 'ranks' must map names to ints ({exc})") from exc
-        dims = {n: (int(d[0]), int(d[1])) for n, d in data.get("dims", {}).items()}
-        return cls(
-            ranks,
-            dims,
-            data.get("method", "sra"),
-            data.get("budget", "rank"),
-            float(data.get("avg_rank", 0.0)),
-        )
+    def from_dict(cls, data: dict[str, Any], where: str = "RankPlan") -> RankPlan:
+        """Rebuild a plan, checking every field by name (ranks ≥ 0, dims ≥ 1, finite numbers)."""
+        if not isinstance(data, dict) or not isinstance(data.get("ranks"), dict):
+            raise ValueError(f"{where}: not a RankPlan: expected {{'ranks': {{name: int}}, ...}}")
+        ranks = {
+            str(n): whole_number(f"rank of {n!r}", r, where=where) for n, r in data["ranks"].items()
+        }
+        dims = {}
+        for n, d in (data.get("dims") or {}).items():
+            if not isinstance(d, (list, tuple)) or len(d) != 2:
+                raise ValueError(f"{where}: dims of {n!r} must be [d_in, d_out], got {d!r}")
+            dims[n] = tuple(whole_number(f"dims of {n!r}", v, minimum=1, where=where) for v in d)
+        budget = data.get("budget", "rank")
+        if budget not in BUDGETS:
+            raise ValueError(f"{where}: budget must be one of {BUDGETS}, got {budget!r}")
+        method = data.get("method", "sra")
+        if not isinstance(method, str):
+            raise ValueError(f"{where}: method must be a string, got {method!r}")
+        avg_rank = finite_number("avg_rank", data.get("avg_rank", 0.0), minimum=0.0, where=where)
+        return cls(ranks, dims, method, budget, avg_rank)
 
     @classmethod
     def from_json(cls, path: str | Path) -> RankPlan:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(read_json(path, "rank plan"), where=str(path))
 
     def to_peft_config(self, **lora_kwargs: Any):
         """A ``peft.LoraConfig`` with ``target_modules``, ``rank_pattern`` and ``alpha_pattern``.
@@ -84,7 +92,9 @@ class RankPlan:
         if not active:
             raise ValueError("the plan gives every module rank 0: there is nothing to adapt")
         mean_rank = sum(active.values()) / len(active)
-        alpha = float(lora_kwargs.pop("lora_alpha", 2.0 * mean_rank))
+        alpha = finite_number(
+            "lora_alpha", lora_kwargs.pop("lora_alpha", 2.0 * mean_rank), positive=True
+        )
         r = max(active.values())
         return LoraConfig(
             r=r,
@@ -147,7 +157,9 @@ def _validate(report: SensitivityReport, avg_rank: float, min_rank: int, max_ran
         raise ValueError("the report has no modules to allocate ranks to")
     if not (isinstance(avg_rank, (int, float)) and avg_rank > 0 and math.isfinite(avg_rank)):
         raise ValueError(f"avg_rank must be a positive number, got {avg_rank!r}")
-    if not isinstance(min_rank, int) or min_rank < 0:
+    if isinstance(avg_rank, bool):
+        raise ValueError(f"avg_rank must be a positive number, got {avg_rank!r}")
+    if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 0:
         raise ValueError(f"min_rank must be an int ≥ 0, got {min_rank!r}")
     if max_rank is not None and (not isinstance(max_rank, int) or max_rank < max(min_rank, 1)):
         raise ValueError(f"max_rank must be an int ≥ max(min_rank, 1), got {max_rank!r}")
@@ -180,7 +192,10 @@ def allocate(
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     if budget not in BUDGETS:
         raise ValueError(f"unknown budget {budget!r}; expected one of {BUDGETS}")
+    if not isinstance(report, SensitivityReport):
+        raise TypeError(f"report must be a slora.SensitivityReport, got {type(report).__name__}")
     _validate(report, avg_rank, min_rank, max_rank, multiple_of)
+    whole_number("pra_bands", pra_bands, minimum=1)
     names = list(report.modules)
     dims = {n: (int(m["d_in"]), int(m["d_out"])) for n, m in report.modules.items()}
     theta = report.scores
@@ -200,6 +215,12 @@ def allocate(
         if max_rank is not None:
             limit = min(limit, max_rank)
         hi_units.append(limit // step)
+        if lo_units > limit // step and min_rank <= limit:
+            raise ValueError(
+                f"multiple_of={multiple_of} cannot fit {n!r}: its rank may be at most {limit} "
+                f"(min(d_in, d_out){' and max_rank' if max_rank is not None else ''}), which "
+                f"has no multiple of {multiple_of} ≥ max(min_rank, 1); use multiple_of ≤ {limit}"
+            )
     if budget == "rank":
         costs = [1] * len(names)
         total = round(avg_rank * len(names) / step)

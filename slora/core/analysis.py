@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from slora import ops
+from slora.core.checks import whole_number
 from slora.core.metrics import ESTIMATORS, MatrixStats, combine, matrix_metrics
 from slora.core.report import SensitivityReport
 from slora.core.targets import find_targets, linear_dims
@@ -215,8 +216,8 @@ def analyze(
         raise ValueError(f"topk_frac must be in (0, 1], got {topk_frac}")
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-    if max_batches is not None and max_batches < 1:
-        raise ValueError(f"max_batches must be ≥ 1 or None, got {max_batches}")
+    if max_batches is not None:
+        max_batches = whole_number("max_batches", max_batches, minimum=1)
     if isinstance(data, (Tensor, Mapping)):
         raise TypeError(
             "data must be an iterable of batches (e.g. a list of dicts or a DataLoader), "

@@ -109,10 +109,11 @@ class LoraGroup:
 
     The first member called with an input x computes every member's LoRA branch in one
     grouped op (``slora.ops.lora_slices``: x read once, gradients for x, A and B, one output
-    per member); the other members, called next with the *same tensor object*, take theirs.
-    If a member ever sees a different input while outputs are pending, the members do not
-    share their input after all and the group switches itself off (each layer computes its
-    own branch again).  The state machine traces under ``torch.compile`` without graph breaks.
+    per member); the other members, called next with the *same tensor object*, unmodified
+    since (same ``_version``), take theirs.  If a member ever sees a different or modified
+    input while outputs are pending, the members do not share their input after all and the
+    group switches itself off (each layer computes its own branch again).  The state machine
+    traces under ``torch.compile`` without graph breaks.
     """
 
     def __init__(self, members: list[LoraLinear]):
@@ -123,17 +124,23 @@ class LoraGroup:
         self.grouped_calls = 0
         self._input: Tensor | None = None
         self._deltas: dict[int, Tensor] = {}
+        self._version = -1
         self._pending: set[int] = set()
 
     def _release(self) -> None:
         self._input, self._deltas, self._pending = None, {}, set()
+
+    def _unmodified(self, x: Tensor) -> bool:
+        """x was not modified in place since the grouped call (its version counter is
+        unchanged); not checked while torch.compile traces, where the counter is symbolic."""
+        return torch.compiler.is_compiling() or x._version == self._version
 
     def delta_for(self, layer: LoraLinear, x: Tensor) -> Tensor | None:
         """This layer's scaled LoRA output for x, or None to let the layer compute it."""
         if not self.enabled:
             return None
         if self._pending:
-            if x is self._input and id(layer) in self._pending:
+            if x is self._input and self._unmodified(x) and id(layer) in self._pending:
                 self._pending.discard(id(layer))
                 delta = self._deltas[id(layer)]
                 if not self._pending:
@@ -153,6 +160,7 @@ class LoraGroup:
         self.grouped_calls += 1
         self._input = x
         self._deltas = {id(m): d for m, d in zip(self.members, deltas)}
+        self._version = -1 if torch.compiler.is_compiling() else x._version
         self._pending = {id(m) for m in self.members} - {id(layer)}
         return self._deltas[id(layer)]
 

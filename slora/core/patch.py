@@ -15,13 +15,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from slora.core.allocation import RankPlan, allocate
 from slora.core.analysis import analyze
+from slora.core.checks import finite_number
 from slora.core.layer import LoraLinear
 from slora.core.layer import group_shared_inputs as make_lora_groups
-from slora.core.targets import is_linear_like, linear_dims
+from slora.core.targets import foreign_lora_modules, is_linear_like, linear_dims, tied_weights
+from slora.core.transaction import Transaction, transaction
 
 STATE_ATTR = "_slora_state"
 
@@ -42,9 +45,12 @@ class PatchState:
 def scales_for(ranks: dict[str, int], lora_alpha: float | None, use_rslora: bool):
     """Per-module LoRA scale and the effective ``lora_alpha`` (see the module docstring)."""
     active = [r for r in ranks.values() if r > 0]
+    if not active:
+        raise ValueError("the plan gives every module rank 0: there is nothing to adapt")
     mean = sum(active) / len(active)
     if lora_alpha is None:
         lora_alpha = 2.0 * (math.sqrt(mean) if use_rslora else mean)
+    lora_alpha = finite_number("lora_alpha", lora_alpha, positive=True)
     if use_rslora:
         return {n: lora_alpha / math.sqrt(r) for n, r in ranks.items() if r > 0}, lora_alpha
     return {n: lora_alpha / mean for n, r in ranks.items() if r > 0}, lora_alpha
@@ -61,37 +67,85 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
+def check_patchable(model: nn.Module) -> None:
+    """Refuse models that already carry LoRA of any kind, or an AdapterPool's hooks."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if getattr(model, STATE_ATTR, None) is not None:
+        raise ValueError("this model is already patched by slora; call slora.unpatch first")
+    if getattr(model, "_slora_pool", None) is not None:
+        raise ValueError("this model serves an AdapterPool; call the pool's close() first")
+    foreign = foreign_lora_modules(model)
+    if foreign or hasattr(model, "peft_config"):
+        raise ValueError(
+            "model already carries another library's LoRA layers "
+            f"({', '.join(foreign[:3]) or 'peft_config'}); slora would wrap them. Give slora "
+            "the plain base model (e.g. peft_model.unload() or merge_and_unload() first)"
+        )
+
+
+def _shared_modules(model: nn.Module) -> dict[int, list[str]]:
+    paths: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(name)
+    return {k: v for k, v in paths.items() if len(v) > 1}
 
 
 def _validate_plan(model: nn.Module, plan: RankPlan) -> dict[str, nn.Module]:
     if not isinstance(plan, RankPlan):
         raise TypeError(f"plan must be a slora.RankPlan, got {type(plan).__name__}")
     modules = dict(model.named_modules())
+    shared = _shared_modules(model)
     found = {}
     for name, rank in plan.ranks.items():
-        if not isinstance(rank, int) or rank < 0:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
             raise ValueError(f"rank of {name!r} must be an int ≥ 0, got {rank!r}")
         if name not in modules:
             raise ValueError(f"the plan names module {name!r}, which the model does not have")
-        if not is_linear_like(modules[name]):
+        module = modules[name]
+        if not is_linear_like(module):
             raise ValueError(
-                f"the plan names {name!r}, a {type(modules[name]).__name__}; expected nn.Linear "
-                "or Conv1D"
+                f"the plan names {name!r}, a {type(module).__name__}; expected nn.Linear or Conv1D"
             )
-        d_in, d_out = linear_dims(modules[name])
+        d_in, d_out = linear_dims(module)
         if name in plan.dims and tuple(plan.dims[name]) != (d_in, d_out):
             raise ValueError(
                 f"plan shape for {name!r} is (d_in, d_out)={tuple(plan.dims[name])}, the model "
                 f"has {(d_in, d_out)}: the plan was made for another model"
             )
-        found[name] = modules[name]
+        if rank > 0 and not module.weight.is_floating_point():
+            raise ValueError(
+                f"{name!r} has a {module.weight.dtype} weight; LoRA needs a floating-point "
+                "base weight (float32/float16/bfloat16/float64)"
+            )
+        if rank > 0 and len(shared.get(id(module), ())) > 1:
+            raise ValueError(
+                f"module {name!r} is shared: the same module object is also "
+                f"{', '.join(repr(p) for p in shared[id(module)] if p != name)}; patching one "
+                "path would leave the others without the adapter"
+            )
+        found[name] = module
     if not any(r > 0 for r in plan.ranks.values()):
         raise ValueError("the plan gives every module rank 0: there is nothing to adapt")
     return found
+
+
+def _modules_to_save(model: nn.Module, modules_to_save: Sequence[str] | str | None) -> list[str]:
+    saved = [modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save or [])
+    all_modules = dict(model.named_modules())
+    tied = tied_weights(model)
+    for name in saved:
+        if not isinstance(name, str) or name not in all_modules:
+            raise ValueError(f"modules_to_save names {name!r}, which the model does not have")
+        for pname, _ in all_modules[name].named_parameters(prefix=name):
+            others = [o for o in tied.get(pname, []) if not o.startswith(name + ".")]
+            if others:
+                raise ValueError(
+                    f"modules_to_save names {name!r}, whose parameter {pname!r} is tied to "
+                    f"{', '.join(others)}: training it would change those too. Untie it first "
+                    "or leave it out of modules_to_save"
+                )
+    return saved
 
 
 def patch(
@@ -99,40 +153,83 @@ def patch(
     plan: RankPlan | None = None,
     *,
     data: Iterable[Any] | None = None,
-    avg_rank: float = 8,
+    avg_rank: float | None = None,
     lora_alpha: float | None = None,
     lora_dropout: float = 0.0,
     use_rslora: bool = False,
-    modules_to_save: Sequence[str] | None = None,
+    modules_to_save: Sequence[str] | str | None = None,
     group_shared_inputs: bool = True,
     target_modules: Sequence[str] | str | None = None,
-    estimator: str = "fisher",
+    estimator: str | None = None,
     **allocate_kwargs: Any,
 ) -> nn.Module:
     """Freeze the base model and insert LoRA adapters with the planned ranks (in place).
 
     Either pass a ``plan`` from :func:`slora.allocate`, or ``data=`` calibration batches (and
-    ``avg_rank``) to analyse, allocate and patch in one call.  ``modules_to_save`` (e.g. a
-    classifier head) stay trainable and are saved with the adapter.  Returns the same model.
+    ``avg_rank`` (8), ``estimator`` ("fisher"), ``target_modules`` and other
+    :func:`slora.allocate` arguments) to analyse, allocate and patch in one call.
+    ``modules_to_save`` (e.g. a classifier head) stay trainable and are saved with the adapter.
+    Returns the same model.  All or nothing: if anything fails, the model is left as it was.
     """
-    if getattr(model, STATE_ATTR, None) is not None:
-        raise ValueError("this model is already patched by slora; call slora.unpatch first")
+    check_patchable(model)
+    calibration = {
+        "data": data,
+        "avg_rank": avg_rank,
+        "estimator": estimator,
+        "target_modules": target_modules,
+        **allocate_kwargs,
+    }
     if plan is None:
         if data is None:
             raise ValueError("patch needs a plan (from slora.allocate) or data= to calibrate on")
-        report = analyze(model, data, estimator=estimator, target_modules=target_modules)
-        plan = allocate(report, avg_rank=avg_rank, **allocate_kwargs)
-    elif data is not None or allocate_kwargs:
-        raise ValueError("pass either plan= or data= (with allocation arguments), not both")
-    if not 0.0 <= lora_dropout < 1.0:
+        report = analyze(
+            model, data, estimator=estimator or "fisher", target_modules=target_modules
+        )
+        plan = allocate(report, avg_rank=8 if avg_rank is None else avg_rank, **allocate_kwargs)
+    else:
+        ignored = [k for k, v in calibration.items() if v is not None]
+        if ignored:
+            raise ValueError(
+                f"patch got plan= and also {', '.join(ignored)}, which apply only when patch "
+                "calibrates and allocates itself (data=...): drop them, or pass data= instead "
+                "of plan="
+            )
+    apply_plan(
+        model,
+        plan,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        use_rslora=use_rslora,
+        modules_to_save=modules_to_save,
+        group_shared_inputs=group_shared_inputs,
+    )
+    return model
+
+
+def apply_plan(
+    model: nn.Module,
+    plan: RankPlan,
+    *,
+    lora_alpha: float | None = None,
+    lora_dropout: float = 0.0,
+    use_rslora: bool = False,
+    modules_to_save: Sequence[str] | str | None = None,
+    group_shared_inputs: bool = True,
+    tx: Transaction | None = None,
+) -> dict[str, LoraLinear]:
+    """Check everything, then insert the LoRA layers through one transaction; returns them."""
+    check_patchable(model)
+    lora_dropout = finite_number("lora_dropout", lora_dropout, minimum=0.0)
+    if lora_dropout >= 1.0:
         raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+    if not isinstance(use_rslora, bool):
+        raise ValueError(f"use_rslora must be True or False, got {use_rslora!r}")
     targets = _validate_plan(model, plan)
-    saved = list(modules_to_save or [])
-    all_modules = dict(model.named_modules())
-    for name in saved:
-        if name not in all_modules:
-            raise ValueError(f"modules_to_save names {name!r}, which the model does not have")
+    saved = _modules_to_save(model, modules_to_save)
     scales, alpha = scales_for(plan.ranks, lora_alpha, use_rslora)
+    for name, scale in scales.items():
+        finite_number(f"the LoRA scale of {name!r} (lora_alpha / rank)", scale, positive=True)
+    all_modules = dict(model.named_modules())
     state = PatchState(
         plan=plan,
         lora_alpha=alpha,
@@ -141,30 +238,60 @@ def patch(
         modules_to_save=saved,
         originals={n: copy.deepcopy(all_modules[n].state_dict()) for n in saved},
     )
-    model.requires_grad_(False)
-    for name, module in targets.items():
-        if plan.ranks[name] > 0:
-            _set_module(
-                model, name, LoraLinear(module, plan.ranks[name], scales[name], lora_dropout)
-            )
-    for name in saved:
-        model.get_submodule(name).requires_grad_(True)
-    layers = lora_layers(model)
-    for layer in layers.values():
-        layer.lora_A.requires_grad_(True)
-        layer.lora_B.requires_grad_(True)
-    if group_shared_inputs:
-        make_lora_groups(layers)
-    setattr(model, STATE_ATTR, state)
-    return model
+    with transaction(tx) as tx:
+        for param in model.parameters():
+            tx.set_requires_grad(param, False)
+        layers = {}
+        for name, module in targets.items():
+            if plan.ranks[name] > 0:
+                layers[name] = LoraLinear(module, plan.ranks[name], scales[name], lora_dropout)
+                tx.set_module(model, name, layers[name])
+        for name in saved:
+            for param in model.get_submodule(name).parameters():
+                tx.set_requires_grad(param, True)
+        for layer in layers.values():
+            layer.lora_A.requires_grad_(True)
+            layer.lora_B.requires_grad_(True)
+        if group_shared_inputs:
+            make_lora_groups(layers)
+        tx.set_attr(model, STATE_ATTR, state)
+    return layers
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight (outputs unchanged, LoRA branch skipped)."""
+    """Fold every adapter into its base weight (outputs unchanged, LoRA branch skipped).
+
+    Refused for a base weight tied to another parameter (``lm_head`` tied to the input
+    embeddings): folding the adapter in would change the other module too.  All or nothing.
+    """
     state = get_state(model)
-    for layer in lora_layers(model).values():
-        layer.merge()
-    state.merged = True
+    layers = lora_layers(model)
+    tied = tied_weights(model)
+    for name, layer in layers.items():
+        others = [
+            o for o in tied.get(f"{name}.base_layer.weight", []) if not o.startswith(name + ".")
+        ]
+        if others and not layer.merged:
+            raise ValueError(
+                f"cannot merge the adapter of {name!r}: its weight is tied to "
+                f"{', '.join(others)}, which merging would change too. Keep the adapter "
+                "unmerged, or untie the weight first (give the module its own copy and set "
+                "config.tie_word_embeddings=False)"
+            )
+    with transaction() as tx:
+        for name, layer in layers.items():
+            if layer.merged:
+                continue
+            with torch.no_grad():
+                delta = layer.delta_weight()
+                if not delta.isfinite().all():
+                    raise ValueError(
+                        f"cannot merge the adapter of {name!r}: scale·B·A has non-finite "
+                        f"values in the base weight's dtype ({layer.base_layer.weight.dtype})"
+                    )
+                tx.modify_tensor(layer.base_layer.weight).add_(delta)
+            tx.set_attr(layer, "merged", True)
+        tx.set_attr(state, "merged", True)
     return model
 
 
@@ -172,17 +299,21 @@ def unpatch(model: nn.Module) -> nn.Module:
     """Remove the LoRA layers and restore ``requires_grad``.
 
     After :func:`merge` the merged weights (and trained ``modules_to_save``) stay; otherwise the
-    model is exactly the base model again.
+    model is exactly the base model again.  All or nothing.
     """
     state = get_state(model)
-    for name, layer in lora_layers(model).items():
-        _set_module(model, name, layer.base_layer)
-    if not state.merged:
-        for name, weights in state.originals.items():
-            model.get_submodule(name).load_state_dict(weights)
-    for name, param in model.named_parameters():
-        param.requires_grad_(state.requires_grad.get(name, param.requires_grad))
-    delattr(model, STATE_ATTR)
+    with transaction() as tx:
+        for name, layer in lora_layers(model).items():
+            tx.set_module(model, name, layer.base_layer)
+        if not state.merged:
+            for name, weights in state.originals.items():
+                module = model.get_submodule(name)
+                for tensor in module.state_dict(keep_vars=True).values():
+                    tx.modify_tensor(tensor)
+                module.load_state_dict(weights)
+        for name, param in model.named_parameters():
+            tx.set_requires_grad(param, state.requires_grad.get(name, param.requires_grad))
+        tx.del_attr(model, STATE_ATTR)
     return model
 
 

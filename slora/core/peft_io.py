@@ -20,8 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from slora.core.patch import get_state, lora_layers, patch, plan_for_ranks
+from slora.core.checks import finite_number, read_json, whole_number
+from slora.core.patch import apply_plan, get_state, lora_layers, plan_for_ranks
 from slora.core.targets import is_linear_like, linear_dims
+from slora.core.transaction import transaction
 
 _FLOAT_DTYPES = {
     "F16": torch.float16,
@@ -129,16 +131,31 @@ def read_adapter(adapter_dir: str | Path, base_model: nn.Module | None = None) -
         raise FileNotFoundError(f"{path}: {WEIGHTS_NAME} is missing")
     if not cfg_path.exists():
         raise FileNotFoundError(f"{path}: {CONFIG_NAME} is missing")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{cfg_path}: not valid JSON ({exc})") from exc
+    config = read_json(cfg_path, "PEFT adapter config")
     if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{cfg_path}: expected a LoRA adapter (peft_type 'LORA')")
-    for field_name in ("r", "lora_alpha"):
-        value = config.get(field_name)
-        if not isinstance(value, (int, float)) or value <= 0:
-            raise ValueError(f"{cfg_path}: {field_name!r} must be a positive number, got {value!r}")
+    finite_number("r", config.get("r"), positive=True, where=str(cfg_path))
+    finite_number("lora_alpha", config.get("lora_alpha"), positive=True, where=str(cfg_path))
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise ValueError(
+            f"{cfg_path}: use_rslora must be true or false, got {config['use_rslora']!r}"
+        )
+    patterns = {}
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        value = config.get(field_name) or {}
+        if not isinstance(value, dict):
+            raise ValueError(
+                f"{cfg_path}: {field_name} must map module names to numbers, got {value!r}"
+            )
+        for key in value:
+            try:
+                re.compile(key)
+            except re.error as exc:
+                raise ValueError(
+                    f"{cfg_path}: {field_name} key {key!r} is not a valid regular expression "
+                    f"({exc})"
+                ) from None
+        patterns[field_name] = value
     # Pass 1 reads only the header: every check below runs on shape-only "meta" tensors, so a
     # bad file is refused before any tensor memory is allocated.
     try:
@@ -172,8 +189,6 @@ def read_adapter(adapter_dir: str | Path, base_model: nn.Module | None = None) -
     if not a:
         raise ValueError(f"{weights}: no lora_A/lora_B tensors found")
     ranks, scales = {}, {}
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
     for name in a:
         if a[name].dim() != 2 or b[name].dim() != 2 or a[name].shape[0] != b[name].shape[1]:
             raise ValueError(
@@ -181,10 +196,22 @@ def read_adapter(adapter_dir: str | Path, base_model: nn.Module | None = None) -
                 f"{tuple(b[name].shape)} are not [r, d_in] and [d_out, r] with one r"
             )
         r = int(a[name].shape[0])
-        expected_r = int(_pattern_value(rank_pattern, name, config["r"]))
+        if r == 0:
+            raise ValueError(f"{weights}: {name} has rank 0 (empty lora_A/lora_B)")
+        expected_r = whole_number(
+            f"rank_pattern value for {name!r}",
+            _pattern_value(patterns["rank_pattern"], name, config["r"]),
+            minimum=1,
+            where=str(cfg_path),
+        )
         if r != expected_r:
             raise ValueError(f"{weights}: {name} has rank {r}, the config says {expected_r}")
-        alpha = float(_pattern_value(alpha_pattern, name, config["lora_alpha"]))
+        alpha = finite_number(
+            f"alpha_pattern value for {name!r}",
+            _pattern_value(patterns["alpha_pattern"], name, config["lora_alpha"]),
+            positive=True,
+            where=str(cfg_path),
+        )
         ranks[name] = r
         scales[name] = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
     adapter = AdapterFile(config, a, b, ranks, scales, extra)
@@ -243,14 +270,14 @@ def load_adapter(base_model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     adapter = read_adapter(adapter_dir, base_model)
     saved = sorted({key.rsplit(".", 1)[0] for key in adapter.extra})
     plan = plan_for_ranks(base_model, adapter.ranks)
-    patch(base_model, plan, modules_to_save=saved)
-    layers = lora_layers(base_model)
-    with torch.no_grad():
-        for name, layer in layers.items():
-            layer.lora_A.weight.copy_(adapter.a[name])
-            layer.lora_B.weight.copy_(adapter.b[name])
-            layer.scale = adapter.scales[name]
-        params = dict(base_model.named_parameters()) | dict(base_model.named_buffers())
-        for key, value in adapter.extra.items():
-            params[key].copy_(value)
+    params = dict(base_model.named_parameters()) | dict(base_model.named_buffers())
+    with transaction() as tx:
+        layers = apply_plan(base_model, plan, modules_to_save=saved, tx=tx)
+        with torch.no_grad():
+            for name, layer in layers.items():
+                layer.lora_A.weight.copy_(adapter.a[name])
+                layer.lora_B.weight.copy_(adapter.b[name])
+                layer.scale = adapter.scales[name]
+            for key, value in adapter.extra.items():
+                tx.modify_tensor(params[key]).copy_(value)
     return base_model

@@ -24,8 +24,10 @@ import torch
 from torch import Tensor, nn
 
 from slora import ops
+from slora.core.checks import finite_number, whole_number
 from slora.core.peft_io import read_adapter
-from slora.core.targets import find_targets, linear_dims
+from slora.core.targets import find_targets, foreign_lora_modules, linear_dims
+from slora.core.transaction import transaction
 
 POOL_ATTR = "_slora_pool"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -108,17 +110,21 @@ class AdapterPool:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if getattr(model, "_slora_state", None) is not None or hasattr(model, "peft_config"):
+        foreign = foreign_lora_modules(model)
+        if getattr(model, "_slora_state", None) is not None:
+            foreign.insert(0, "slora.patch layers")
+        if foreign or hasattr(model, "peft_config"):
             raise ValueError(
-                "model already carries LoRA layers (slora.patch or PEFT); give AdapterPool the "
-                "plain base model"
+                f"model already carries LoRA layers ({', '.join(foreign[:3]) or 'peft_config'}); "
+                "give AdapterPool the plain base model"
             )
         if getattr(model, POOL_ATTR, None) is not None:
             raise ValueError("model already has an AdapterPool; call its close() first")
-        if not isinstance(max_adapters, int) or max_adapters < 1:
-            raise ValueError(f"max_adapters must be an int ≥ 1, got {max_adapters!r}")
-        if memory_budget_bytes is not None and memory_budget_bytes <= 0:
-            raise ValueError(f"memory_budget_bytes must be positive, got {memory_budget_bytes}")
+        max_adapters = whole_number("max_adapters", max_adapters, minimum=1)
+        if memory_budget_bytes is not None:
+            memory_budget_bytes = finite_number(
+                "memory_budget_bytes", memory_budget_bytes, positive=True
+            )
         if dtype is not None and dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype}")
         targets = find_targets(model, target_modules)
@@ -233,33 +239,33 @@ class AdapterPool:
             for module, A in adapter.a.items():
                 B = adapter.b[module]  # read_adapter has checked shapes and finiteness
                 packed = self._packed[module]
-                weights[module] = (
-                    A.to(packed.dtype),
-                    B.to(packed.dtype),
-                    adapter.scales[module],
-                )
+                weights[module] = (A.to(packed.dtype), B.to(packed.dtype), adapter.scales[module])
+                if not (
+                    weights[module][0].isfinite().all() and weights[module][1].isfinite().all()
+                ):
+                    raise ValueError(
+                        f"adapter {name!r}: the weights of {module!r} overflow the pool's dtype "
+                        f"{packed.dtype}; create the pool with dtype=torch.float32"
+                    )
                 nbytes += A.numel() * packed.A.element_size() + B.numel() * packed.A.element_size()
             evict = self._plan_eviction(name, nbytes)
             slot = self._free_slot()
-            done: list[str] = []
-            try:
+            with transaction() as tx:  # a failed load leaves every slot as it was
                 for module, weight in weights.items():
-                    self._packed[module].load(slot, weight)
-                    done.append(module)
-            except BaseException:
-                for module in done:
-                    self._packed[module].unload(slot)
-                raise
-            for old in evict:
+                    packed = self._packed[module]
+                    tx.on_undo(lambda packed=packed: packed.unload(slot))
+                    packed.load(slot, weight)
+                tx.on_undo(lambda: self._records.pop(name, None))
+                self._records[name] = AdapterInfo(
+                    name=name,
+                    slot=slot,
+                    ranks=dict(adapter.ranks),
+                    scales=dict(adapter.scales),
+                    nbytes=nbytes,
+                    source=str(adapter_dir),
+                )
+            for old in evict:  # only once the new adapter is in (its slot is the spare one)
                 self._drop(old)
-            self._records[name] = AdapterInfo(
-                name=name,
-                slot=slot,
-                ranks=dict(adapter.ranks),
-                scales=dict(adapter.scales),
-                nbytes=nbytes,
-                source=str(adapter_dir),
-            )
             return evict
 
     def unload(self, name: str) -> None:

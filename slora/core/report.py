@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from slora.core.checks import finite_number, read_json, whole_number
+
 FIELDS = ("d_in", "d_out", "global", "topk", "effrank", "local", "score")
 
 
@@ -42,19 +44,36 @@ class SensitivityReport:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
     @classmethod
-    def from_dict(cls, data: dict) -> SensitivityReport:
-        try:
-            modules = {name: {key: m[key] for key in FIELDS} for name, m in data["modules"].items()}
-            return cls(str(data["estimator"]), int(data["num_tokens"]), modules)
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(
-                f"not a SensitivityReport: missing or malformed field {exc}; expected "
-                '{"estimator", "num_tokens", "modules": {name: {' + ", ".join(FIELDS) + "}}}"
-            ) from exc
+    def from_dict(cls, data: dict, where: str = "SensitivityReport") -> SensitivityReport:
+        """Rebuild a report, checking every field (type, range, finiteness) by name."""
+        expected = '{"estimator", "num_tokens", "modules": {name: {' + ", ".join(FIELDS) + "}}}"
+        if not isinstance(data, dict) or not isinstance(data.get("modules"), dict):
+            raise ValueError(f"{where}: not a SensitivityReport; expected {expected}")
+        missing = [k for k in ("estimator", "num_tokens") if k not in data]
+        if missing:
+            raise ValueError(f"{where}: missing field(s) {missing}; expected {expected}")
+        if not isinstance(data["estimator"], str):
+            raise ValueError(f"{where}: estimator must be a string, got {data['estimator']!r}")
+        num_tokens = whole_number("num_tokens", data["num_tokens"], where=where)
+        modules = {}
+        for name, m in data["modules"].items():
+            label = f"{where}: module {name!r}"
+            if not isinstance(m, dict) or any(k not in m for k in FIELDS):
+                raise ValueError(f"{label} must hold the fields {FIELDS}, got {m!r}")
+            modules[name] = {
+                "d_in": whole_number("d_in", m["d_in"], minimum=1, where=label),
+                "d_out": whole_number("d_out", m["d_out"], minimum=1, where=label),
+                "effrank": whole_number("effrank", m["effrank"], where=label),
+                **{
+                    key: finite_number(key, m[key], minimum=0.0, where=label)
+                    for key in ("global", "topk", "local", "score")
+                },
+            }
+        return cls(data["estimator"], num_tokens, modules)
 
     @classmethod
     def from_json(cls, path: str | Path) -> SensitivityReport:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(read_json(path, "sensitivity report"), where=str(path))
 
     def table(self, ranks: dict[str, int] | None = None) -> str:
         """A fixed-width table for people (optionally with allocated ranks)."""

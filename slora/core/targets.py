@@ -58,6 +58,14 @@ def _matches(pattern: str, name: str) -> bool:
         return False
 
 
+def _regex_problem(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return f" and is not a valid regular expression ({exc})"
+    return ""
+
+
 def find_targets(
     model: nn.Module, target_modules: Sequence[str] | str | None = None
 ) -> dict[str, nn.Module]:
@@ -87,6 +95,12 @@ def find_targets(
     patterns = list(target_modules)
     if not patterns:
         raise ValueError("target_modules is an empty list; expected names, suffixes or regexes")
+    for pattern in patterns:
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(
+                f"target_modules entries must be non-empty strings (names, suffixes or "
+                f"regular expressions), got {pattern!r}"
+            )
     found: dict[str, nn.Module] = {}
     for pattern in patterns:
         hits = [name for name in linears if _matches(pattern, name)]
@@ -95,7 +109,7 @@ def find_targets(
             detail = (
                 f"it matches only non-linear modules ({', '.join(others[:3])})"
                 if others
-                else "it matches no module name"
+                else "it matches no module name" + _regex_problem(pattern)
             )
             raise ValueError(
                 f"target_modules pattern {pattern!r} matches no nn.Linear/Conv1D module: {detail}. "
@@ -103,3 +117,37 @@ def find_targets(
             )
         found.update((name, linears[name]) for name in hits)
     return {name: found[name] for name in linears if name in found}
+
+
+def foreign_lora_modules(model: nn.Module) -> list[str]:
+    """Modules that carry another library's LoRA (PEFT's ``lora_A``/``lora_B`` layers),
+    as ``"name (module.Class)"``; slora must not wrap or hook them."""
+    from slora.core.layer import LoraLinear
+
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear):
+            continue
+        kind = type(module)
+        if kind.__module__.startswith("peft.") or (
+            hasattr(module, "lora_A") and hasattr(module, "lora_B")
+        ):
+            found.append(f"{name or '<model>'} ({kind.__module__}.{kind.__qualname__})")
+    return found
+
+
+def tied_weights(model: nn.Module) -> dict[str, list[str]]:
+    """For every parameter that shares its storage with another one (``lm_head.weight`` tied
+    to the input embeddings), the names of the others."""
+    by_storage: dict[tuple, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if param.numel() == 0 or param.device.type == "meta":
+            continue
+        key = (param.device, param.untyped_storage().data_ptr())
+        by_storage.setdefault(key, []).append(name)
+    return {
+        name: [other for other in names if other != name]
+        for names in by_storage.values()
+        if len(names) > 1
+        for name in names
+    }
