@@ -1,9 +1,12 @@
-"""Property-based fuzzing of the grouped LoRA op on every backend against float64.
+"""Property-based fuzzing of the grouped LoRA op and the calibration reductions on every
+backend against float64.
 
 Random slot counts, ranks (0 included, empty slots), widths, slices, token slots (−1
-included, any order), prefill segments (empty ones included) and dtypes.  CI runs
-``SLORA_FUZZ_EXAMPLES`` (default 100) cases per backend and form, 200 per backend; raise it
-for a longer run.
+included, any order), prefill segments (empty ones included) and dtypes.  The quick tests run
+``SLORA_FUZZ_EXAMPLES`` (default 50) cases per backend and form on shapes up to 48 wide; the
+``slow``-marked ones (run by CI too) ``SLORA_SLOW_FUZZ_EXAMPLES`` (default 500) cases per
+backend and op on small shapes (cheap under the Triton interpreter).  Raise either for a
+longer run.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from test_multi_lora import BACKENDS, assert_close, make_adapters, reference
 from slora import ops
 from slora.ops import PackedAdapters, multi_lora
 
-EXAMPLES = int(os.environ.get("SLORA_FUZZ_EXAMPLES", "100"))  # × 2 forms per backend
+EXAMPLES = int(os.environ.get("SLORA_FUZZ_EXAMPLES", "50"))  # × 2 forms per backend
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,
@@ -30,15 +33,15 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @st.composite
-def problems(draw):
+def problems(draw, max_width=24, max_d_in=40, max_slots=6, max_rank=20):
     n_slices = draw(st.integers(1, 3))
-    sizes = draw(st.lists(st.integers(1, 24), min_size=n_slices, max_size=n_slices))
-    d_in = draw(st.integers(1, 40))
-    n_slots = draw(st.integers(1, 6))
+    sizes = draw(st.lists(st.integers(1, max_width), min_size=n_slices, max_size=n_slices))
+    d_in = draw(st.integers(1, max_d_in))
+    n_slots = draw(st.integers(1, max_slots))
     ranks = [
         None
         if draw(st.integers(0, 7)) == 0
-        else draw(st.lists(st.integers(0, 20), min_size=n_slices, max_size=n_slices))
+        else draw(st.lists(st.integers(0, max_rank), min_size=n_slices, max_size=n_slices))
         for _ in range(n_slots)
     ]
     if all(r is None or not any(r) for r in ranks):
@@ -58,9 +61,13 @@ def _packed(sizes, d_in, ranks, dtype, seed):
 @FUZZ
 @given(problem=problems(), data=st.data())
 def test_fuzz_token_slots(backend, problem, data):
+    check_token_slots(backend, problem, data)
+
+
+def check_token_slots(backend, problem, data, max_tokens=33):
     sizes, d_in, ranks, dtype, seed = problem
     adapters, packed = _packed(sizes, d_in, ranks, dtype, seed)
-    T = data.draw(st.integers(1, 33))
+    T = data.draw(st.integers(1, max_tokens))
     slots = torch.tensor(
         data.draw(st.lists(st.integers(-1, len(ranks) - 1), min_size=T, max_size=T)),
         dtype=torch.int32,
@@ -77,9 +84,13 @@ def test_fuzz_token_slots(backend, problem, data):
 @FUZZ
 @given(problem=problems(), data=st.data())
 def test_fuzz_segments(backend, problem, data):
+    check_segments(backend, problem, data)
+
+
+def check_segments(backend, problem, data, max_length=9):
     sizes, d_in, ranks, dtype, seed = problem
     adapters, packed = _packed(sizes, d_in, ranks, dtype, seed)
-    lengths = data.draw(st.lists(st.integers(0, 9), min_size=1, max_size=6))
+    lengths = data.draw(st.lists(st.integers(0, max_length), min_size=1, max_size=6))
     seg_slots = data.draw(
         st.lists(st.integers(-1, len(ranks) - 1), min_size=len(lengths), max_size=len(lengths))
     )
@@ -101,18 +112,26 @@ def test_fuzz_segments(backend, problem, data):
     assert_close(got, reference(x, token_slots, adapters, sizes), dtype)
 
 
+def stats_problems(max_tokens=40, max_width=48):
+    return st.tuples(
+        st.integers(1, max_tokens),
+        st.integers(1, max_width),
+        st.integers(1, max_width),
+        st.sampled_from(["none", "random", "all_but_one"]),
+        st.sampled_from(DTYPES),
+        st.sampled_from([1e-3, 1.0, 400.0]),  # 400² overflows fp16
+        st.integers(0, 2**16),
+    )
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @FUZZ
-@given(
-    tokens=st.integers(1, 40),
-    d_in=st.integers(1, 48),
-    d_out=st.integers(1, 48),
-    masked=st.sampled_from(["none", "random", "all_but_one"]),
-    dtype=st.sampled_from(DTYPES),
-    magnitude=st.sampled_from([1e-3, 1.0, 400.0]),  # 400² overflows fp16
-    seed=st.integers(0, 2**16),
-)
-def test_fuzz_sensitivity_stats(backend, tokens, d_in, d_out, masked, dtype, magnitude, seed):
+@given(problem=stats_problems())
+def test_fuzz_sensitivity_stats(backend, problem):
+    check_sensitivity_stats(backend, *problem)
+
+
+def check_sensitivity_stats(backend, tokens, d_in, d_out, masked, dtype, magnitude, seed):
     """The three calibration reductions against float64, accumulating onto poisoned-free
     random buffers (so a kernel that overwrites instead of adding shows)."""
     g = torch.Generator().manual_seed(seed)
@@ -145,3 +164,34 @@ def test_fuzz_sensitivity_stats(backend, tokens, d_in, d_out, masked, dtype, mag
         assert value.dtype == torch.float32 and torch.isfinite(value).all(), name
         err = (value.double() - want[name]).abs().max().item()
         assert err <= 2e-5 * max(want[name].abs().max().item(), 1e-30), (name, err)
+
+
+# -- long runs on small shapes (slow-marked; CI runs them) --------------------------------------
+
+SLOW_EXAMPLES = int(os.environ.get("SLORA_SLOW_FUZZ_EXAMPLES", "500"))
+SLOW_FUZZ = settings(FUZZ, max_examples=SLOW_EXAMPLES, database=None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+@SLOW_FUZZ
+@given(
+    problem=problems(max_width=9, max_d_in=12, max_slots=4, max_rank=6),
+    segments=st.booleans(),
+    data=st.data(),
+)
+def test_slow_fuzz_multi_lora(backend, problem, segments, data):
+    """SLORA_SLOW_FUZZ_EXAMPLES cases per backend, token slots and prefill segments mixed."""
+    if segments:
+        check_segments(backend, problem, data, max_length=4)
+    else:
+        check_token_slots(backend, problem, data, max_tokens=9)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+@SLOW_FUZZ
+@given(problem=stats_problems(max_tokens=12, max_width=12))
+def test_slow_fuzz_sensitivity_stats(backend, problem):
+    """SLORA_SLOW_FUZZ_EXAMPLES cases per backend of the three calibration reductions."""
+    check_sensitivity_stats(backend, *problem)

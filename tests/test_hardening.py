@@ -473,3 +473,17 @@ def test_grouping_notices_in_place_changes_between_sibling_calls():
         with torch.no_grad():
             results[grouped] = model(x)
     torch.testing.assert_close(results[True], results[False])
+
+
+@pytest.mark.parametrize("scale", [math.nan, math.inf, -math.inf])
+def test_kernel_side_scales_must_be_finite(scale):
+    from slora.ops import PackedAdapters
+
+    A, B = torch.randn(2, 8), torch.randn(6, 2)
+    packed = PackedAdapters.from_list([(A, B, 1.0), None])
+    before = [t.clone() for t in (packed.ranks, packed.scales)]
+    with pytest.raises(ValueError, match="slot 1 slice 0: scale must be a finite number"):
+        packed.load(1, (A, B, scale))
+    assert all(torch.equal(a, b) for a, b in zip(before, (packed.ranks, packed.scales)))
+    with pytest.raises(ValueError, match=r"scales\[1\] must be a finite number"):
+        slora.ops.lora_slices(torch.randn(3, 8), [A, A], [B, B], [1.0, scale])

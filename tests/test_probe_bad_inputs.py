@@ -200,7 +200,7 @@ def analyze_cases() -> list[Case]:
     loss = lambda m, b: m(b).pow(2).mean()
 
     def run(**kw):
-        args = {"data": data, "loss_fn": loss, "progress": False, **kw}
+        args = {"data": data, "loss_fn": loss, "progress": False, "backend": "torch", **kw}
         return lambda: slora.analyze(model, **args)
 
     cases = [
@@ -217,7 +217,7 @@ def analyze_cases() -> list[Case]:
         Case(
             "analyze all-NaN batches",
             lambda: slora.analyze(
-                model, data, loss_fn=lambda m, b: m(b).sum() * NAN, progress=False
+                model, data, loss_fn=lambda m, b: m(b).sum() * NAN, progress=False, backend="torch"
             ),
             ("non-finite",),
         ),
@@ -485,7 +485,7 @@ def adapter_file_cases(ws: Workspace) -> list[Case]:
         ("config not JSON", cfg(lambda c: "{oops"), ("adapter_config.json", "JSON")),
         ("config is a list", cfg(lambda c: "[1, 2]"), ("LoRA",)),
         ("peft_type PREFIX", cfg(lambda c: c.update(peft_type="PREFIX_TUNING")), ("LoRA",)),
-        *[(f"r={v!r}", cfg(lambda c, v=v: c.update(r=v)), ("'r'",)) for v in (NAN, INF, 0, "8")],
+        *[(f"r={v!r}", cfg(lambda c, v=v: c.update(r=v)), ("r must",)) for v in (NAN, INF, 0, "8")],
         *[
             (
                 f"lora_alpha={v!r}",

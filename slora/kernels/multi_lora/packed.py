@@ -9,6 +9,7 @@ only its own rows and one metadata row, and the kernels need no host synchronisa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -193,6 +194,10 @@ class PackedAdapters:
                 raise ValueError(
                     f"slot {slot} slice {s}: B must be [{d_s}, {A.shape[0]}] to match A, "
                     f"got {tuple(B.shape)}"
+                )
+            if not math.isfinite(float(scale)):  # a NaN/Inf scale would poison every output
+                raise ValueError(
+                    f"slot {slot} slice {s}: scale must be a finite number, got {scale!r}"
                 )
             checked.append((A, B, float(scale)))
         self.unload(slot)

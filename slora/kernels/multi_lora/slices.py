@@ -16,6 +16,7 @@ ranks) plus one per slice for dh and dB.  fp32 math whatever the input dtype.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -139,6 +140,9 @@ def check_slices(x: Tensor, As: Sequence[Tensor], Bs: Sequence[Tensor], scales) 
             f"As, Bs and scales must be non-empty and of equal length, "
             f"got {len(As)}, {len(Bs)}, {len(scales)}"
         )
+    for s, scale in enumerate(scales):
+        if not math.isfinite(float(scale)):
+            raise ValueError(f"scales[{s}] must be a finite number, got {scale!r}")
     for s, (A, B) in enumerate(zip(As, Bs)):
         if A.dim() != 2 or A.shape[1] != d_in or B.dim() != 2 or B.shape[1] != A.shape[0]:
             raise ValueError(
