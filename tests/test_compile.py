@@ -41,12 +41,11 @@ def test_patched_llama_compiles_without_graph_breaks_and_matches_eager():
         batch["input_ids"], batch["attention_mask"], batch["labels"]
     )
     assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
-    graph = "\n".join(str(g.graph) for g in explained.graphs)
-    assert "slora.lora_slices" in graph  # the grouped q/k/v and gate/up op is in the graph
 
     want_loss, want = _loss_and_grads(model, step, batch)
     groups = {id(m.group): m.group for m in model.modules() if isinstance(m, LoraLinear)}
     calls = sum(g.grouped_calls for g in groups.values() if g is not None)
+    assert calls > 0  # q/k/v and gate/up shrinks were grouped
     torch._dynamo.reset()
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     got_loss, got = _loss_and_grads(model, compiled, batch)
@@ -54,6 +53,6 @@ def test_patched_llama_compiles_without_graph_breaks_and_matches_eager():
     assert got.keys() == want.keys() and len(got) == 28
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
-    # the groups stayed on and their state was released by the traced step
+    # the groups stayed on, grouped again inside the traced step, and released their state
     assert all(g is None or (g.enabled and not g._pending) for g in groups.values())
-    assert calls > 0
+    assert sum(g.grouped_calls for g in groups.values() if g is not None) > calls

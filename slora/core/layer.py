@@ -12,7 +12,6 @@ import math
 import torch
 from torch import Tensor, nn
 
-from slora import ops
 from slora.core.targets import is_linear_like, linear_dims
 
 # Sibling modules that read the same input in common architectures (q/k/v, gate/up): their
@@ -86,10 +85,9 @@ class LoraLinear(nn.Module):
         y = self.base_layer(x)
         if self.merged:
             return y
-        delta = self.group.delta_for(self, x) if self.group is not None else None
-        if delta is not None:
-            return y + delta.to(y.dtype)
-        h = self.lora_A(self.lora_dropout(x).to(self.lora_A.weight.dtype))
+        h = self.group.shrink_for(self, x) if self.group is not None else None
+        if h is None:
+            h = self.lora_A(self.lora_dropout(x).to(self.lora_A.weight.dtype))
         if h.dtype == y.dtype:  # y + scale · h Bᵀ as one GEMM: no separate scale and add passes
             y2 = torch.addmm(
                 y.reshape(-1, self.d_out),
@@ -107,13 +105,15 @@ class LoraLinear(nn.Module):
 class LoraGroup:
     """LoRA layers whose base modules read the same input tensor (q/k/v, gate/up).
 
-    The first member called with an input x computes every member's LoRA branch in one
-    grouped op (``slora.ops.lora_slices``: x read once, gradients for x, A and B, one output
-    per member); the other members, called next with the *same tensor object*, unmodified
-    since (same ``_version``), take theirs.  If a member ever sees a different or modified
-    input while outputs are pending, the members do not share their input after all and the
-    group switches itself off (each layer computes its own branch again).  The state machine
-    traces under ``torch.compile`` without graph breaks.
+    The first member called with an input x computes every member's shrink ``h_s = x A_sᵀ``
+    in one GEMM over the concatenated ranks (x read once; in the backward one GEMM gives dx
+    and one every A's gradient); each member then adds its own expand ``scale · h_s B_sᵀ``
+    into its base output in one fused GEMM.  The other members, called next with the *same
+    tensor object*, unmodified since (same ``_version``), take their ``h_s``.  If a member
+    ever sees a different or modified input while shrinks are pending, the members do not
+    share their input after all and the group switches itself off (each layer computes its
+    own branch again).  Plain differentiable torch ops: the state machine traces under
+    ``torch.compile`` without graph breaks.
     """
 
     def __init__(self, members: list[LoraLinear]):
@@ -123,46 +123,41 @@ class LoraGroup:
         self.enabled = True
         self.grouped_calls = 0
         self._input: Tensor | None = None
-        self._deltas: dict[int, Tensor] = {}
+        self._shrinks: dict[int, Tensor] = {}
         self._version = -1
         self._pending: set[int] = set()
 
     def _release(self) -> None:
-        self._input, self._deltas, self._pending = None, {}, set()
+        self._input, self._shrinks, self._pending = None, {}, set()
 
     def _unmodified(self, x: Tensor) -> bool:
         """x was not modified in place since the grouped call (its version counter is
         unchanged); not checked while torch.compile traces, where the counter is symbolic."""
         return torch.compiler.is_compiling() or x._version == self._version
 
-    def delta_for(self, layer: LoraLinear, x: Tensor) -> Tensor | None:
-        """This layer's scaled LoRA output for x, or None to let the layer compute it."""
+    def shrink_for(self, layer: LoraLinear, x: Tensor) -> Tensor | None:
+        """This layer's ``x A_sᵀ`` (in the LoRA dtype), or None to let the layer compute it."""
         if not self.enabled:
             return None
         if self._pending:
             if x is self._input and self._unmodified(x) and id(layer) in self._pending:
                 self._pending.discard(id(layer))
-                delta = self._deltas[id(layer)]
+                h = self._shrinks[id(layer)]
                 if not self._pending:
                     self._release()
-                return delta
+                return h
             self.enabled = False  # inputs are not shared: stop grouping
             self._release()
             return None
-        dtype = layer.lora_A.weight.dtype
-        deltas = ops.lora_slices(
-            x.to(dtype),
-            [m.lora_A.weight for m in self.members],
-            [m.lora_B.weight for m in self.members],
-            [m.scale for m in self.members],
-            split=True,
-        )
+        weight = torch.cat([m.lora_A.weight for m in self.members])
+        h = nn.functional.linear(x.to(weight.dtype), weight)
         self.grouped_calls += 1
         self._input = x
-        self._deltas = {id(m): d for m, d in zip(self.members, deltas)}
         self._version = -1 if torch.compiler.is_compiling() else x._version
+        parts = h.split([m.rank for m in self.members], dim=-1)
+        self._shrinks = {id(m): part for m, part in zip(self.members, parts)}
         self._pending = {id(m) for m in self.members} - {id(layer)}
-        return self._deltas[id(layer)]
+        return self._shrinks[id(layer)]
 
 
 def group_shared_inputs(layers: dict[str, LoraLinear]) -> list[LoraGroup]:
