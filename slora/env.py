@@ -7,6 +7,7 @@ failed and why), whether Triton is usable, and the backend each op will use per 
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import platform
@@ -15,6 +16,7 @@ import subprocess
 import sys
 
 PACKAGES = ("torch", "triton", "transformers", "peft", "numpy", "safetensors", "ninja")
+SENSITIVITY_OPS = ("input_stats", "grad_stats", "fisher_exact")
 ENV_VARS = (
     "SLORA_BACKEND",
     "SLORA_NO_NATIVE",
@@ -77,26 +79,26 @@ def _native() -> str:
 
 
 def _backends() -> list[tuple[str, str]]:
-    """Per op and device: the backend that runs it (an op without that backend runs torch)."""
+    """Per op and device: the resolved backend and the function that will run."""
     import torch
 
-    from slora import ops
     from slora.kernels.backend import resolve_backend
-    from slora.kernels.multi_lora import backends as multi_lora_backends
+    from slora.kernels.multi_lora import backends as multi_lora
+    from slora.kernels.sensitivity import library as sensitivity
 
-    tables = {**ops._IMPLEMENTATIONS, "multi_lora": multi_lora_backends.FORWARD}
+    kernels = {op: functools.partial(sensitivity.kernel, op) for op in SENSITIVITY_OPS}
+    kernels["multi_lora"] = multi_lora.forward_kernel
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []
-    for op, table in tables.items():
+    for op, kernel in kernels.items():
         cells = []
         for device in devices:
             try:
-                chosen = resolve_backend(device)
-            except (RuntimeError, ValueError) as exc:
-                cells.append(f"{device}: error ({exc})")
-                continue
-            runs = chosen if chosen in table else f"torch (no {chosen} implementation)"
-            cells.append(f"{device}: {runs}")
+                fn = kernel(torch.device(device))
+                where = f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}"
+                cells.append(f"{device}: {resolve_backend(device)} ({where})")
+            except Exception as exc:  # noqa: BLE001 - a report, not a check: say what failed
+                cells.append(f"{device}: error ({type(exc).__name__}: {exc})")
         rows.append((f"op {op}", ", ".join(cells)))
     return rows
 

@@ -15,8 +15,14 @@ from slora.kernels import _native
 
 @pytest.fixture
 def fake_build(tmp_path, monkeypatch):
-    """A stand-in for torch's ``load`` that 'builds' by writing NAME.so; counts its builds."""
-    monkeypatch.setenv("SLORA_CACHE", str(tmp_path))
+    """A stand-in for torch's ``load`` that 'builds' (like ninja: when the library is missing or
+    older than a source) by writing NAME.so; counts its builds.  Sources: a copy of csrc/."""
+    import shutil
+
+    src = tmp_path / "csrc"
+    shutil.copytree(_native.csrc_dir(), src)
+    monkeypatch.setattr(_native, "csrc_dir", lambda: src)
+    monkeypatch.setenv("SLORA_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("SLORA_NO_NATIVE", raising=False)
     monkeypatch.setattr(_native, "status", {})
     builds: list[str] = []
@@ -49,10 +55,12 @@ def test_a_build_is_announced_once_and_a_cached_load_is_silent(fake_build, capsy
     assert _native.status[name].startswith("cached")
 
 
-def test_sources_newer_than_the_library_are_rebuilt_and_announced(fake_build, capsys):
+def test_changed_sources_are_rebuilt_and_announced(fake_build, capsys):
     _native.extension()
     (name,) = fake_build
-    os.utime(_native.cache_dir(name) / f"{name}.so", (0, 0))  # older than every source
+    lib = _native.cache_dir(name) / f"{name}.so"
+    source = _native.csrc_dir() / "bindings.cpp"
+    os.utime(source, ns=(lib.stat().st_mtime_ns + 10**9,) * 2)  # edited after the build
     _native.extension.cache_clear()
     _native.extension()
     assert capsys.readouterr().err.count(f"building the native C++ ops '{name}'") == 2

@@ -94,12 +94,17 @@ def _cuda_arch() -> str:
     return f"{major}.{minor}"
 
 
+def _stamp(sources: list[str]) -> str:
+    """What a build was made from: source paths and modification times (what ninja checks)."""
+    return "\n".join(f"{p} {Path(p).stat().st_mtime_ns}" for p in sources)
+
+
 def _needs_build(build_dir: Path, name: str, sources: list[str]) -> bool:
-    """True unless a built library newer than every source is already in ``build_dir``."""
-    built = build_dir / f"{name}.so"
-    if not built.exists():
+    """True unless ``build_dir`` holds a library built from exactly these source files."""
+    stamp = build_dir / "slora_build_stamp.txt"
+    if not (build_dir / f"{name}.so").exists() or not stamp.exists():
         return True
-    return built.stat().st_mtime < max(Path(s).stat().st_mtime for s in sources)
+    return stamp.read_text() != _stamp(sources)
 
 
 def _announce(message: str) -> None:
@@ -169,6 +174,7 @@ def extension() -> ModuleType | None:
         seconds = time.perf_counter() - start
         _announce(f"native C++ ops '{name}' built in {seconds:.0f} s")
         status[name] = f"built now in {seconds:.0f} s ({build_dir})"
+        (build_dir / "slora_build_stamp.txt").write_text(_stamp(paths))
     else:
         status[name] = f"cached ({build_dir})"
     return module
