@@ -202,14 +202,22 @@ def plot(rows: list[Row], path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Print the kernel benchmark table for this machine and write a PNG plot."""
     parser = argparse.ArgumentParser(prog="slora bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--min-time", type=float, default=0.5, help="seconds per measurement")
+    from slora.cli import POSITIVE_FLOAT, POSITIVE_INT
+
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"]
+    )
+    parser.add_argument(
+        "--threads", type=POSITIVE_INT, default=None, help="CPU threads (default: torch's)"
+    )
+    parser.add_argument(
+        "--min-time", type=POSITIVE_FLOAT, default=0.5, help="seconds per measurement"
+    )
     parser.add_argument("--out", default=None, help="directory for slora_bench.png / .json")
     parser.add_argument("--plot", default=None, help="PNG path (default: OUT/slora_bench.png)")
     parser.add_argument(
         "--bandwidth",
-        type=float,
+        type=POSITIVE_FLOAT,
         default=None,
         help="peak memory bandwidth, bytes/s (default: the device's, see slora.benchmarking)",
     )

@@ -846,6 +846,10 @@ def cli_cases() -> list[Case]:
         (["demo", "--threads", "-1"], "--threads"),
         (["demo", "--calib-head-epochs", "-1"], "--calib-head-epochs"),
         (["frobnicate"], "frobnicate"),
+        (["bench", "--threads", "0"], "--threads"),
+        (["bench", "--min-time", "-1"], "--min-time"),
+        (["bench", "--bandwidth", "nan"], "--bandwidth"),
+        (["bench", "--device", "tpu"], "--device"),
     ]
     return [Case("slora " + " ".join(a), lambda a=a: main(a), (o,)) for a, o in table]
 
