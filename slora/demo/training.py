@@ -14,7 +14,12 @@ from slora.demo.recipe import Batch, Recipe
 
 
 def lr_lambda(total_steps: int, warmup_frac: float) -> Callable[[int], float]:
-    """Linear warm-up over ``warmup_frac`` of the steps, then linear decay to 0."""
+    """Linear warm-up over ``warmup_frac`` of the steps, then linear decay to 0.
+
+    Not transformers' ``get_linear_schedule_with_warmup``: that one gives step 0 a learning
+    rate of 0 (warm-up ``s / warm``, here ``(s + 1) / warm``), which would change every
+    published demo number; the decay is the same.
+    """
     warm = max(1, int(total_steps * warmup_frac)) if warmup_frac > 0 else 0
 
     def factor(step: int) -> float:
