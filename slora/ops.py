@@ -103,13 +103,15 @@ def multi_lora(
         meta = _ml_meta.check_and_build_meta(x, token_slots, packed, seg_indptr, seg_slots, out)
     else:
         _ml_meta.check_call(x, packed, meta, out)
-    args = _ml_lib.op_args(packed.weights(), meta)
     name = backend or ""
     if torch.is_grad_enabled() and (
         x.requires_grad or packed.A.requires_grad or packed.Bt.requires_grad
     ):
-        delta = torch.ops.slora.multi_lora(x, *args, name)
+        delta = torch.ops.slora.multi_lora(x, *_ml_lib.op_args(packed.weights(), meta), name)
         return delta if out is None else out.add_(delta)
+    if not torch.compiler.is_compiling():  # eager, no autograd: the ops' kernel directly,
+        return _ml_lib.run_kernel(x, packed.weights(), meta, name, out)  # no dispatcher trip
+    args = _ml_lib.op_args(packed.weights(), meta)
     if out is None:
         return torch.ops.slora.multi_lora(x, *args, name)
     if _plain_eager(x, out):  # the same kernel without the dispatcher's Python layers
