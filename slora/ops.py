@@ -10,8 +10,6 @@ kernel contract are described in docs/kernels.md.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import Tensor
 
@@ -71,7 +69,6 @@ from slora.kernels.multi_lora import (  # noqa: E402
     build_segment_meta,
     build_token_meta,
 )
-from slora.kernels.multi_lora import backends as _ml_backends  # noqa: E402
 from slora.kernels.multi_lora import library as _ml_lib  # noqa: E402
 from slora.kernels.multi_lora import meta as _ml_meta  # noqa: E402
 from slora.kernels.multi_lora import slices as _ml_slices  # noqa: E402
@@ -114,28 +111,8 @@ def multi_lora(
     args = _ml_lib.op_args(packed.weights(), meta)
     if out is None:
         return torch.ops.slora.multi_lora(x, *args, name)
-    if _plain_eager(x, out):  # the same kernel without the dispatcher's Python layers
-        T = x.shape[0]
-        meta = meta if meta.num_tokens == T else dataclasses.replace(meta, num_tokens=T)
-        _ml_backends.forward_kernel(x.device, name)(x, packed.weights(), meta, out)
-        return out
     torch.ops.slora.multi_lora_add(x, *args, name, out)
     return out
-
-
-def _plain_eager(*tensors: Tensor) -> bool:
-    """True outside any tracing (Dynamo, fake or functional tensors, dispatch or function
-    modes): an in-place call without autograd may then run its kernel directly.  Servers
-    call ``multi_lora(out=...)`` once per layer and step, and torch.library's Python dispatch
-    of a custom op costs more than a small decode kernel."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    return (
-        not torch.compiler.is_compiling()
-        and all(type(t) is Tensor for t in tensors)
-        and _get_current_dispatch_mode() is None
-        and not torch._C._is_torch_function_mode_enabled()
-    )
 
 
 def lora_slices(
