@@ -6,6 +6,11 @@ gradient-based estimators each target output gets a tensor hook that reduces dy 
 Σ_t dy_t² and the exact trace term Σ_t‖dy_t‖²‖x_t‖² when the backward reaches it.  The
 weights stay frozen: no weight gradient is ever formed.  Reductions go through ``slora.ops``,
 so the fastest backend for the device runs them.
+
+Quantized bases (QLoRA) cost the same: ``activation`` and ``fisher`` read only x and dy, so a
+4-bit weight is never dequantized beyond what its own forward/backward does, and memory stays
+O(d_in + d_out) per matrix.  ``fisher_exact`` alone keeps a float32 [d_out, d_in] accumulator
+per matrix (8× a 4-bit weight) and each layer input until the backward.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from slora import ops
+from slora.core import quantized
 from slora.core.checks import whole_number
 from slora.core.metrics import ESTIMATORS, MatrixStats, combine, matrix_metrics
 from slora.core.report import SensitivityReport
@@ -209,6 +215,11 @@ def analyze(
     The model comes back as it went in: hooks removed, ``requires_grad`` and train/eval mode
     restored; its weights never receive a gradient.  Batches whose loss or gradients are not
     finite are skipped with a warning.
+
+    Memory per target matrix: O(d_in + d_out) for ``activation`` and ``fisher``;
+    ``fisher_exact`` adds a float32 [d_out, d_in] accumulator (4·d_in·d_out bytes, the size of
+    an fp32 copy of the weight) and keeps each layer input until the backward — on a quantized
+    base it warns with the total.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; expected one of {ESTIMATORS}")
@@ -224,6 +235,15 @@ def analyze(
             f"not a single {type(data).__name__}; wrap it in a list"
         )
     targets = find_targets(model, target_modules)
+    if estimator == "fisher_exact" and any(quantized.is_quantized(m) for m in targets.values()):
+        mib = sum(4 * d_in * d_out for d_in, d_out in map(linear_dims, targets.values())) / 2**20
+        warnings.warn(
+            f"slora.analyze: estimator='fisher_exact' allocates {mib:.1f} MiB of float32 "
+            "[d_out, d_in] accumulators for this quantized model (8x its 4-bit weights); "
+            "'fisher' and 'activation' need O(d_in + d_out) per matrix",
+            UserWarning,
+            stacklevel=2,
+        )
     device = _device_of(model)
     forward_only = loss_fn or call_model
     loss_fn = loss_fn or default_loss
@@ -238,6 +258,7 @@ def analyze(
     with ExitStack() as stack:
         stack.callback(model.train, was_training)
         stack.callback(lambda: [p.requires_grad_(f) for p, f in grad_flags.items()])
+        stack.callback(quantized.keep_model_gradients(model))
         for name, module in targets.items():
             handle = module.register_forward_hook(calib.forward_hook(name), with_kwargs=True)
             stack.callback(handle.remove)

@@ -1,8 +1,9 @@
 """The LoRA layer that ``slora.patch`` puts in place of a target nn.Linear / Conv1D.
 
 Parameter names follow PEFT (``base_layer``, ``lora_A.weight`` [r, d_in], ``lora_B.weight``
-[d_out, r]) so a patched model's state dict reads like a PEFT model's.  Adapters of fp16/bf16
-bases are kept in fp32 (as PEFT does) for stable training.
+[d_out, r]) so a patched model's state dict reads like a PEFT model's.  A and B are kept in
+the base layer's compute dtype, fp16/bf16 promoted to fp32 (as PEFT does) for stable training
+— for a quantized base (QLoRA) never in its storage dtype.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from slora.core.targets import is_linear_like, linear_dims
+from slora.core import quantized
+from slora.core.targets import is_conv1d, is_linear_like, linear_dims
 
 # Sibling modules that read the same input in common architectures (q/k/v, gate/up): their
 # LoRA branches are computed together by one grouped call (see LoraGroup).
@@ -28,20 +30,31 @@ SHARED_INPUT_SETS = (
 class LoraLinear(nn.Module):
     """``y = base(x) + scale · B A dropout(x)`` around a frozen linear-like ``base_layer``."""
 
-    def __init__(self, base_layer: nn.Module, rank: int, scale: float, dropout: float = 0.0):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        rank: int,
+        scale: float,
+        dropout: float = 0.0,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         if not is_linear_like(base_layer):
-            raise TypeError(f"LoraLinear wraps nn.Linear or Conv1D, got {type(base_layer)}")
+            raise TypeError(quantized.unsupported_message("base_layer", base_layer))
         if rank < 1:
             raise ValueError(f"LoRA rank must be ≥ 1, got {rank}")
         self.base_layer = base_layer
         self.d_in, self.d_out = linear_dims(base_layer)
         self.rank = int(rank)
         self.scale = float(scale)
-        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # Conv1D: W is [d_in, d_out]
-        weight = base_layer.weight
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        factory = dict(device=weight.device, dtype=dtype)
+        self.fan_in_fan_out = is_conv1d(base_layer)  # Conv1D: W is [d_in, d_out]
+        # While merged by dequantizing: the quantized base layer, kept out of the module tree
+        # (a tuple is not registered) so that the merged model's state dict is plain float.
+        self._quantized_base: tuple[nn.Module, ...] = ()
+        factory = dict(
+            device=quantized.device_of(base_layer),
+            dtype=quantized.adapter_dtype(base_layer, dtype),
+        )
         self.lora_A = nn.Linear(self.d_in, rank, bias=False, **factory)
         self.lora_B = nn.Linear(rank, self.d_out, bias=False, **factory)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -63,23 +76,40 @@ class LoraLinear(nn.Module):
         return getattr(self.base_layer, "bias", None)
 
     def delta_weight(self) -> Tensor:
-        """scale · B A in the base weight's layout and dtype."""
+        """scale · B A in the base weight's layout and compute dtype."""
         delta = (self.lora_B.weight @ self.lora_A.weight) * self.scale
         if self.fan_in_fan_out:
             delta = delta.t()
-        return delta.to(self.base_layer.weight.dtype)
+        return delta.to(quantized.compute_dtype(self.base_layer))
 
-    def merge(self) -> None:
-        if not self.merged:
-            with torch.no_grad():
-                self.base_layer.weight += self.delta_weight()
-            self.merged = True
+    def merge(self, dequantize: bool = False) -> None:
+        """Fold B A into the base weight.  A quantized base cannot take a float update without
+        requantizing it (which rounds most of the update away), so it needs
+        ``dequantize=True``: the base becomes a float nn.Linear holding dequant(W) + scale·B A
+        (float memory for this layer; :meth:`unmerge` puts the quantized layer back)."""
+        if self.merged:
+            return
+        if quantized.is_quantized(self.base_layer):
+            if not dequantize:
+                raise ValueError(
+                    f"cannot merge into the quantized {type(self.base_layer).__name__} weight "
+                    "in place; pass dequantize=True to replace it by a float nn.Linear"
+                )
+            dense = quantized.dense_copy(self.base_layer)
+            self._quantized_base, self.base_layer = (self.base_layer,), dense
+        with torch.no_grad():
+            self.base_layer.weight += self.delta_weight()
+        self.merged = True
 
     def unmerge(self) -> None:
-        if self.merged:
+        if not self.merged:
+            return
+        if self._quantized_base:
+            self.base_layer, self._quantized_base = self._quantized_base[0], ()
+        else:
             with torch.no_grad():
                 self.base_layer.weight -= self.delta_weight()
-            self.merged = False
+        self.merged = False
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base_layer(x)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slora.core import quantized
 from slora.core.allocation import RankPlan, allocate
 from slora.core.analysis import analyze
 from slora.core.checks import finite_number
@@ -104,16 +105,15 @@ def _validate_plan(model: nn.Module, plan: RankPlan) -> dict[str, nn.Module]:
             raise ValueError(f"the plan names module {name!r}, which the model does not have")
         module = modules[name]
         if not is_linear_like(module):
-            raise ValueError(
-                f"the plan names {name!r}, a {type(module).__name__}; expected nn.Linear or Conv1D"
-            )
+            message = quantized.unsupported_message(name, module)
+            raise ValueError(f"the plan names a module it cannot adapt: {message}")
         d_in, d_out = linear_dims(module)
         if name in plan.dims and tuple(plan.dims[name]) != (d_in, d_out):
             raise ValueError(
                 f"plan shape for {name!r} is (d_in, d_out)={tuple(plan.dims[name])}, the model "
                 f"has {(d_in, d_out)}: the plan was made for another model"
             )
-        if rank > 0 and not module.weight.is_floating_point():
+        if rank > 0 and quantized.plain_linear_with_integer_weight(module):
             raise ValueError(
                 f"{name!r} has a {module.weight.dtype} weight; LoRA needs a floating-point "
                 "base weight (float32/float16/bfloat16/float64)"
@@ -161,6 +161,7 @@ def patch(
     group_shared_inputs: bool = True,
     target_modules: Sequence[str] | str | None = None,
     estimator: str | None = None,
+    adapter_dtype: torch.dtype | None = None,
     **allocate_kwargs: Any,
 ) -> nn.Module:
     """Freeze the base model and insert LoRA adapters with the planned ranks (in place).
@@ -170,8 +171,14 @@ def patch(
     :func:`slora.allocate` arguments) to analyse, allocate and patch in one call.
     ``modules_to_save`` (e.g. a classifier head) stay trainable and are saved with the adapter.
     Returns the same model.  All or nothing: if anything fails, the model is left as it was.
+
+    LoRA weights take each base layer's compute dtype (fp16/bf16 promoted to fp32), or
+    ``adapter_dtype``; quantized bases (bitsandbytes 4-/8-bit, torchao, other quantized linear
+    layers) are patched like float ones (docs/qlora.md).
     """
     check_patchable(model)
+    if adapter_dtype is not None:
+        quantized.check_adapter_dtype(adapter_dtype)
     calibration = {
         "data": data,
         "avg_rank": avg_rank,
@@ -202,6 +209,7 @@ def patch(
         use_rslora=use_rslora,
         modules_to_save=modules_to_save,
         group_shared_inputs=group_shared_inputs,
+        adapter_dtype=adapter_dtype,
     )
     return model
 
@@ -215,6 +223,7 @@ def apply_plan(
     use_rslora: bool = False,
     modules_to_save: Sequence[str] | str | None = None,
     group_shared_inputs: bool = True,
+    adapter_dtype: torch.dtype | None = None,
     tx: Transaction | None = None,
 ) -> dict[str, LoraLinear]:
     """Check everything, then insert the LoRA layers through one transaction; returns them."""
@@ -241,10 +250,13 @@ def apply_plan(
     with transaction(tx) as tx:
         for param in model.parameters():
             tx.set_requires_grad(param, False)
+        # gradients must cross quantized layers correctly (see quantized.keep_gradients)
+        tx.on_undo(quantized.keep_model_gradients(model))
         layers = {}
         for name, module in targets.items():
             if plan.ranks[name] > 0:
-                layers[name] = LoraLinear(module, plan.ranks[name], scales[name], lora_dropout)
+                rank, scale = plan.ranks[name], scales[name]
+                layers[name] = LoraLinear(module, rank, scale, lora_dropout, adapter_dtype)
                 tx.set_module(model, name, layers[name])
         for name in saved:
             for param in model.get_submodule(name).parameters():
@@ -258,14 +270,18 @@ def apply_plan(
     return layers
 
 
-def merge(model: nn.Module) -> nn.Module:
+def merge(model: nn.Module, *, dequantize: bool = False) -> nn.Module:
     """Fold every adapter into its base weight (outputs unchanged, LoRA branch skipped).
 
     Refused for a base weight tied to another parameter (``lm_head`` tied to the input
-    embeddings): folding the adapter in would change the other module too.  All or nothing.
+    embeddings): folding the adapter in would change the other module too.  A quantized base
+    weight cannot absorb the update exactly, so quantized layers need ``dequantize=True``: each
+    becomes a float nn.Linear (compute dtype) holding dequant(W) + scale·B A — the merged model
+    equals the adapted one, at float memory for those layers.  All or nothing.
     """
     state = get_state(model)
     layers = lora_layers(model)
+    _check_quantized_merge(layers, dequantize)
     tied = tied_weights(model)
     for name, layer in layers.items():
         others = [
@@ -287,12 +303,36 @@ def merge(model: nn.Module) -> nn.Module:
                 if not delta.isfinite().all():
                     raise ValueError(
                         f"cannot merge the adapter of {name!r}: scale·B·A has non-finite "
-                        f"values in the base weight's dtype ({layer.base_layer.weight.dtype})"
+                        f"values in the base weight's dtype ({delta.dtype})"
                     )
-                tx.modify_tensor(layer.base_layer.weight).add_(delta)
+                if quantized.is_quantized(layer.base_layer):
+                    tx.set_attr(layer, "_quantized_base", (layer.base_layer,))
+                    tx.set_module(layer, "base_layer", quantized.dense_copy(layer.base_layer))
+                    layer.base_layer.weight.add_(delta)
+                else:
+                    tx.modify_tensor(layer.base_layer.weight).add_(delta)
             tx.set_attr(layer, "merged", True)
         tx.set_attr(state, "merged", True)
     return model
+
+
+def _check_quantized_merge(layers: dict[str, LoraLinear], dequantize: bool) -> None:
+    stuck = [n for n, m in layers.items() if quantized.is_quantized(m.base_layer)]
+    if stuck and not dequantize:
+        kinds = sorted({type(layers[n].base_layer).__name__ for n in stuck})
+        raise ValueError(
+            f"{len(stuck)} adapted layers have quantized base weights ({', '.join(kinds)}; e.g. "
+            f"{stuck[0]!r}) that cannot take the LoRA update in place: requantizing would round "
+            "most of it away. Call slora.merge(model, dequantize=True) to turn them into float "
+            "nn.Linear layers holding dequant(W) + B A, or merge on a float copy of the base."
+        )
+    opaque = [n for n in stuck if not quantized.can_dequantize(layers[n].base_layer)]
+    if opaque:
+        kind = type(layers[opaque[0]].base_layer).__name__
+        raise TypeError(
+            f"slora cannot dequantize {kind} (e.g. {opaque[0]!r}) to merge its adapter; merge "
+            "on a float copy of the base model instead (slora.load_adapter, then slora.merge)"
+        )
 
 
 def unpatch(model: nn.Module) -> nn.Module:

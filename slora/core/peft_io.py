@@ -22,6 +22,7 @@ from torch import nn
 
 from slora.core.checks import finite_number, read_json, whole_number
 from slora.core.patch import apply_plan, get_state, lora_layers, plan_for_ranks
+from slora.core.quantized import unsupported_message
 from slora.core.targets import is_linear_like, linear_dims
 from slora.core.transaction import transaction
 
@@ -242,11 +243,10 @@ def check_against_model(adapter: AdapterFile, model: nn.Module) -> None:
     modules = dict(model.named_modules())
     for name in adapter.a:
         module = modules.get(name)
-        if module is None or not is_linear_like(module):
-            raise ValueError(
-                f"adapter module {name!r} is not an nn.Linear/Conv1D of the base model "
-                f"({type(module).__name__ if module is not None else 'missing'})"
-            )
+        if module is None:
+            raise ValueError(f"adapter module {name!r} is missing from the base model")
+        if not is_linear_like(module):
+            raise ValueError(f"adapter targets {unsupported_message(name, module)}")
         d_in, d_out = linear_dims(module)
         if tuple(adapter.a[name].shape) != (adapter.ranks[name], d_in) or tuple(
             adapter.b[name].shape

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from slora import ops
+from slora.core import quantized
 from slora.core.checks import finite_number, whole_number
 from slora.core.peft_io import read_adapter
 from slora.core.targets import find_targets, foreign_lora_modules, linear_dims
@@ -135,15 +136,17 @@ class AdapterPool:
         self._dims: dict[str, tuple[int, int]] = {}
         self._packed: dict[str, ops.PackedAdapters] = {}
         for name, module in targets.items():
-            weight = module.weight
-            ops.resolve_backend(weight.device, backend)  # a bad backend fails here, not later
+            device = quantized.device_of(module)
+            ops.resolve_backend(device, backend)  # a bad backend fails here, not later
             self._dims[name] = linear_dims(module)
             d_in, d_out = self._dims[name]
-            layer_dtype = dtype or (weight.dtype if weight.dtype in _DTYPES else torch.float32)
+            # The layer's compute dtype (never a quantized weight's storage dtype).
+            layer_dtype = dtype or quantized.compute_dtype(module)
+            layer_dtype = layer_dtype if layer_dtype in _DTYPES else torch.float32
             # One spare slot: a new adapter is written before any eviction, so a failed load
             # can always be rolled back.
             self._packed[name] = ops.PackedAdapters(
-                d_in, d_out, max_slots=max_adapters + 1, dtype=layer_dtype, device=weight.device
+                d_in, d_out, max_slots=max_adapters + 1, dtype=layer_dtype, device=device
             )
         self._records: OrderedDict[str, AdapterInfo] = OrderedDict()  # LRU order, oldest first
         self._in_use: dict[str, int] = {}

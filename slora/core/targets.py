@@ -7,6 +7,13 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from slora.core.quantized import (
+    is_quantized,
+    is_quantized_linear,
+    looks_like_unsupported_linear,
+    unsupported_message,
+)
+
 # Last name components that mark an output head / classifier (excluded by default), and
 # parents whose whole subtree is a head (RoBERTa's `classifier.dense`, BERT's MLM `cls.*`).
 HEAD_NAMES = frozenset(
@@ -22,18 +29,28 @@ def _conv1d_type() -> type | None:
     return Conv1D
 
 
-def is_linear_like(module: nn.Module) -> bool:
-    """nn.Linear or transformers' Conv1D (GPT-2's transposed linear)."""
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2's transposed linear: weight stored [d_in, d_out])."""
     conv1d = _conv1d_type()
-    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear (quantized subclasses included), Conv1D, or a quantized linear layer that
+    exposes in_features/out_features (see :mod:`slora.core.quantized`)."""
+    return isinstance(module, nn.Linear) or is_conv1d(module) or is_quantized_linear(module)
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int]:
-    """(d_in, d_out) of a linear-like module."""
-    if isinstance(module, nn.Linear):
+    """(d_in, d_out) of a linear-like module (never read from a quantized weight's shape)."""
+    if not is_conv1d(module):
         return module.in_features, module.out_features
     d_in, d_out = module.weight.shape  # Conv1D stores [d_in, d_out]
     return int(d_in), int(d_out)
+
+
+def _unsupported_quantized(module: nn.Module) -> bool:
+    return is_quantized(module) and not isinstance(module, nn.Embedding)
 
 
 def _head_modules(model: nn.Module) -> set[int]:
@@ -80,6 +97,9 @@ def find_targets(
         target_modules = [target_modules]
     linears = {name: mod for name, mod in model.named_modules() if name and is_linear_like(mod)}
     if target_modules is None:
+        for name, mod in model.named_modules():
+            if looks_like_unsupported_linear(mod):
+                raise TypeError(unsupported_message(name, mod))
         heads = _head_modules(model)
         found = {
             name: mod
@@ -102,10 +122,14 @@ def find_targets(
                 f"regular expressions), got {pattern!r}"
             )
     found: dict[str, nn.Module] = {}
+    modules = dict(model.named_modules())
     for pattern in patterns:
         hits = [name for name in linears if _matches(pattern, name)]
+        others = [n for n in modules if n and n not in linears and _matches(pattern, n)]
+        stuck = [n for n in others if _unsupported_quantized(modules[n])]
+        if stuck:  # a quantized layer slora cannot adapt: say so rather than skip it
+            raise TypeError(unsupported_message(stuck[0], model.get_submodule(stuck[0])))
         if not hits:
-            others = [n for n, _ in model.named_modules() if n and _matches(pattern, n)]
             detail = (
                 f"it matches only non-linear modules ({', '.join(others[:3])})"
                 if others
