@@ -1,4 +1,4 @@
-// Sensitivity statistics reductions (SPEC §1) on the CPU.
+// Sensitivity statistics reductions on the CPU (docs/kernels.md, "Sensitivity statistics ops").
 //
 // One streaming reduction serves both sides of the calibration pass.  For a [T, D] tensor x
 // (layer input or output gradient), an optional row mask m and optional per-row weights w:

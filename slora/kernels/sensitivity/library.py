@@ -53,22 +53,29 @@ def kernel(op: str, device: torch.device, backend: str = "") -> Callable:
     return _load(op, resolve_backend(device, backend or None))
 
 
+def _run(op: str, device: torch.device, backend: str, *args: Tensor | None):
+    """Run the kernel; without recording a graph when an input requires grad (rare: the
+    calibration hooks pass detached tensors, and ``no_grad`` costs a few µs per call)."""
+    fn = kernel(op, device, backend)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+        with torch.no_grad():
+            return fn(*args)
+    return fn(*args)
+
+
 def _input_stats(x: Tensor, row_mask: Tensor | None, col_sq: Tensor, backend: str) -> Tensor:
     validate_input_stats(x, row_mask, col_sq)
-    with torch.no_grad():
-        return kernel("input_stats", x.device, backend)(x, row_mask, col_sq)
+    return _run("input_stats", x.device, backend, x, row_mask, col_sq)
 
 
 def _grad_stats(dy, row_mask, x_token_sq, row_sq, trace, backend: str) -> None:  # noqa: ANN001
     validate_grad_stats(dy, row_mask, x_token_sq, row_sq, trace)
-    with torch.no_grad():
-        kernel("grad_stats", dy.device, backend)(dy, row_mask, x_token_sq, row_sq, trace)
+    _run("grad_stats", dy.device, backend, dy, row_mask, x_token_sq, row_sq, trace)
 
 
 def _fisher_exact(dy, x, row_mask, diag, backend: str) -> None:  # noqa: ANN001
     validate_fisher_exact(dy, x, row_mask, diag)
-    with torch.no_grad():
-        kernel("fisher_exact", dy.device, backend)(dy, x, row_mask, diag)
+    _run("fisher_exact", dy.device, backend, dy, x, row_mask, diag)
 
 
 def _input_stats_fake(x, row_mask, col_sq, backend):  # noqa: ANN001
