@@ -1,29 +1,12 @@
 """Ahead-of-time compile of the multi-LoRA Triton kernels for sm_90 (Hopper), no GPU needed:
 catches lowering errors the interpreter cannot, and checks shared memory fits an H100/H200."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from triton_aot import SM90_SHARED_LIMIT, compile_for_sm90
 
 _AOT = r"""
-import json, os
-os.environ.pop("TRITON_INTERPRET", None)
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from slora.kernels.multi_lora.triton_expand import expand_kernel
 from slora.kernels.multi_lora.triton_shrink import shrink_kernel
-
-def build(kernel, sig, const):
-    sig = dict(sig, **{n: "constexpr" for n in const})
-    idx = {(kernel.arg_names.index(n),): v for n, v in const.items()}
-    out = triton.compile(ASTSource(kernel, sig, idx), target=GPUTarget("cuda", 90, 32))
-    return {"cubin": len(out.asm["cubin"]), "shared": out.metadata.shared,
-            "mma": "mma" in out.asm["ptx"]}
 
 i32 = lambda *n: {k: "i32" for k in n}
 groups = {"order_ptr": "*i64", "tile_group_ptr": "*i32", "tile_first_ptr": "*i32",
@@ -49,18 +32,10 @@ print(json.dumps(res))
 
 def test_multi_lora_triton_kernels_compile_for_sm90(tmp_path):
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
-    root = Path(__file__).resolve().parent.parent
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, "-c", _AOT], capture_output=True, text=True, timeout=600, env=env, cwd=root
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = compile_for_sm90(_AOT, tmp_path)
     assert len(res) == 8
     for name, info in res.items():
         assert info["cubin"] > 0, name
-        assert info["shared"] <= 227 * 1024, (name, info["shared"])
+        assert info["shared"] <= SM90_SHARED_LIMIT, (name, info["shared"])
         if "bf16" in name:  # fp32 runs in "ieee" precision: no tensor cores by design
             assert info["mma"], f"{name}: tl.dot did not lower to tensor-core MMA"

@@ -5,25 +5,11 @@ catches lowering errors that the interpreter cannot, and checks that the fused `
 GEMM runs on tensor-core MMA within the per-block shared-memory limit.
 """
 
-import subprocess
-from pathlib import Path
-
 import pytest
+from triton_aot import SM90_SHARED_LIMIT, compile_for_sm90
 
 _TRITON_AOT = r"""
-import json, os, sys
-os.environ.pop("TRITON_INTERPRET", None)
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from slora.kernels.sensitivity import triton_backend as ss
-
-def build(kernel, sig, const):
-    sig = dict(sig, **{n: "constexpr" for n in const})
-    idx = {(kernel.arg_names.index(n),): v for n, v in const.items()}
-    out = triton.compile(ASTSource(kernel, sig, idx), target=GPUTarget("cuda", 90, 32))
-    return {"cubin": len(out.asm["cubin"]), "shared": out.metadata.shared,
-            "mma": "mma" in out.asm["ptx"]}
 
 res = {}
 ints = lambda *n: {k: "i32" for k in n}
@@ -46,28 +32,10 @@ print(json.dumps(res))
 
 
 def test_triton_kernels_compile_for_sm90(tmp_path):
-    # Ahead-of-time Triton compile for Hopper (no GPU needed): catches lowering errors that the
-    # interpreter cannot, and checks the GEMM uses tensor-core MMA within shared memory.
-    import json
-    import os
-    import sys
-
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run(
-        [sys.executable, "-c", _TRITON_AOT],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = compile_for_sm90(_TRITON_AOT, tmp_path)
     assert set(res) == {"sq_stats_bf16", "sq_stats_fp32", "fisher_exact_fp32", "fisher_exact_bf16"}
     for name, info in res.items():
         assert info["cubin"] > 0, name
-        assert info["shared"] <= 227 * 1024, (name, info["shared"])  # H100/H200 per-block limit
+        assert info["shared"] <= SM90_SHARED_LIMIT, (name, info["shared"])
     assert res["fisher_exact_fp32"]["mma"] and res["fisher_exact_bf16"]["mma"]
