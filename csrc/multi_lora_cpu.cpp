@@ -7,86 +7,95 @@
 // OpenMP spreads the items over threads; every output element is written by exactly one
 // item in a fixed order, so the result does not depend on the number of threads.
 //
-// Inner loops are 4x4 register tiles on GCC/Clang vector types (AVX-512 or AVX2 when the
-// build targets them; plain SSE otherwise), accumulating in fp32 for fp32/fp16/bf16 inputs.
+// Two regimes per item, both accumulating in fp32 for fp32 / fp16 / bf16 inputs:
+// - decode-sized items (at most kTile tokens: a few requests per adapter) are bound by the
+//   bytes of A and B.  Both are streamed once, 4 rows at a time, straight from memory and
+//   widened to fp32 in registers (bf16: a shift; fp16: vcvtph2ps); register tiles hold
+//   exactly the n tokens there are.  The expand keeps its n x d_s accumulators in L1, so B
+//   is read row after row (4 sequential streams) instead of r strided ones.
+// - larger items (prefill) are bound by FMAs: 4 rows of A and a 64-column block of B are
+//   widened once into L1-resident fp32 scratch and reused by every 4-token register tile.
+// Inner loops use GCC/Clang vector types (AVX-512 or AVX2 when the build targets them).
 #include <torch/extension.h>
 
 #include <algorithm>
-#if defined(__AVX__)
-#include <immintrin.h>
-#endif
-#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-// GCC's znver4 tuning reloads both operands of every FMA in the register tiles below
-// (32 loads per 16 FMAs: load-bound at half speed); generic tuning keeps them in registers.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#pragma GCC target("tune=generic")
-#endif
+#include "cpu_vec.h"  // vf, load_vf / store_vf (bf16, fp16 widening), widen, ...
 
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int kVW = 16;
-#else
-constexpr int kVW = 8;
-#endif
-typedef float vf __attribute__((vector_size(kVW * sizeof(float))));
+using namespace slora_cpu;
 
-constexpr int kTile = 4;     // tokens and rank rows per register tile
-constexpr int kChunk = 64;   // tokens per work item
-constexpr int kNV = 4;       // vectors of output columns per expand tile
+constexpr int kTile = 4;      // tokens and rank rows per register tile
+constexpr int kChunk = 64;    // tokens per work item
+constexpr int kNV = 4;        // vectors of output columns per expand tile (prefill)
 constexpr int kNC = kNV * kVW;
-constexpr int64_t kKC = 512;  // d_in block of the shrink (4 rows of A: 8 KiB in fp32)
+constexpr int64_t kKC = 512;  // d_in block of the prefill shrink (4 rows of A: 8 KiB in fp32)
 
-inline vf loadu(const float* p) {
-#if defined(__AVX512F__)
-  return (vf)_mm512_loadu_ps(p);
-#elif defined(__AVX__)
-  return (vf)_mm256_loadu_ps(p);
-#else
-  vf v;
-  std::memcpy(&v, p, sizeof(vf));
-  return v;
-#endif
-}
-inline void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof(vf)); }
-
-inline float hsum(vf v) {
-#if defined(__AVX512F__)
-  __m512 m;
-  std::memcpy(&m, &v, sizeof(m));
-  return _mm512_reduce_add_ps(m);
-#elif defined(__AVX__)
-  __m256 m;
-  std::memcpy(&m, &v, sizeof(m));
-  __m128 q = _mm_add_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-  q = _mm_hadd_ps(q, q);
-  return _mm_cvtss_f32(_mm_hadd_ps(q, q));
-#else
-  float s = 0.f;
-  for (int i = 0; i < kVW; ++i) s += v[i];
-  return s;
-#endif
+// f(std::integral_constant<int, nt>) for a token tile of nt = 1..kTile rows, so that tiles
+// hold exactly the tokens there are (decode: 1-3 tokens per adapter, no zero rows multiplied).
+template <typename F>
+inline void with_tile(int nt, F&& f) {
+  switch (nt) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, kTile>{}); break;
+  }
 }
 
-// part[i][j] += xs[i] * ws[j] elementwise over [k0, k1) (a multiple of kVW long), for a 4x4
-// tile of rows; the 16 partial vectors live in `part` between d_in blocks and are summed once
-// at the end (horizontal sums are not free).
-inline void dot_tile(const float* const* xs, const float* const* ws, int64_t k0, int64_t k1,
+// Per-thread scratch: x rows (fp32) | zero row | 4 widened rows of A | h | widened block of Bt
+// | partial dot products | decode accumulators.
+struct Scratch {
+  std::vector<float> buf;
+  float *x, *zero, *a, *h, *b, *part, *acc;
+
+  void carve(int64_t d_in, int64_t d_max, int64_t r_pad) {
+    const size_t sizes[7] = {(size_t)kChunk * d_in,
+                             (size_t)std::max(d_in, d_max) + kVW,
+                             (size_t)kTile * d_in,
+                             (size_t)kChunk * r_pad,
+                             (size_t)std::max<int64_t>(r_pad, 1) * kNC,
+                             (size_t)kChunk * kTile * kVW,
+                             (size_t)kTile * d_max};
+    size_t need = 0;
+    for (size_t n : sizes) need += n;
+    if (buf.size() < need) buf.resize(need);
+    float** parts[7] = {&x, &zero, &a, &h, &b, &part, &acc};
+    float* p = buf.data();
+    for (int i = 0; i < 7; ++i) {
+      *parts[i] = p;
+      p += sizes[i];
+    }
+    std::fill(zero, zero + sizes[1], 0.f);  // all-zero bits: 0 in fp32, bf16 and fp16 alike
+  }
+  template <typename T>
+  const T* zero_row() const {
+    return reinterpret_cast<const T*>(zero);
+  }
+};
+
+// part[i][j] += xs[i] * ws[j] elementwise over [k0, k1) (a multiple of kVW long), for NT
+// tokens and 4 rows of weights of type W (fp32 scratch, or memory widened on load); the
+// partial vectors live in `part` between d_in blocks and are summed once at the end.
+template <int NT, typename W>
+inline void dot_tile(const float* const* xs, const W* const* ws, int64_t k0, int64_t k1,
                      float* part) {
-  vf acc[kTile][kTile];
-  for (int i = 0; i < kTile; ++i)
+  vf acc[NT][kTile];
+  for (int i = 0; i < NT; ++i)
     for (int j = 0; j < kTile; ++j) acc[i][j] = loadu(part + (i * kTile + j) * kVW);
-  const float *w0 = ws[0], *w1 = ws[1], *w2 = ws[2], *w3 = ws[3];
+  const W *w0 = ws[0], *w1 = ws[1], *w2 = ws[2], *w3 = ws[3];
   for (int64_t k = k0; k < k1; k += kVW) {
-    // the 4 rows of A in registers, each token's vector loaded once: 8 loads per 16 FMAs
-    const vf a0 = loadu(w0 + k), a1 = loadu(w1 + k), a2 = loadu(w2 + k), a3 = loadu(w3 + k);
-    for (int i = 0; i < kTile; ++i) {
+    // the 4 rows of A in registers, each token's vector loaded once
+    const vf a0 = load_vf(w0 + k), a1 = load_vf(w1 + k), a2 = load_vf(w2 + k),
+             a3 = load_vf(w3 + k);
+    for (int i = 0; i < NT; ++i) {
       const vf xv = loadu(xs[i] + k);
       acc[i][0] += xv * a0;
       acc[i][1] += xv * a1;
@@ -94,17 +103,207 @@ inline void dot_tile(const float* const* xs, const float* const* ws, int64_t k0,
       acc[i][3] += xv * a3;
     }
   }
-  for (int i = 0; i < kTile; ++i)
+  for (int i = 0; i < NT; ++i)
     for (int j = 0; j < kTile; ++j) storeu(part + (i * kTile + j) * kVW, acc[i][j]);
 }
 
+#if defined(__AVX512BF16__)
+constexpr bool kDotBf16 = true;
+// dot_tile for bf16 x and A on AVX512-BF16: vdpbf16ps multiplies 32 bf16 pairs exactly and
+// adds them pairwise into 16 fp32 lanes, so neither operand is widened; [k0, k1) is a
+// multiple of 32 long.
+template <int NT>
+inline void dot_tile_bf16(const BF16* const* xs, const BF16* const* ws, int64_t k0, int64_t k1,
+                          float* part) {
+  __m512 acc[NT][kTile];
+  for (int i = 0; i < NT; ++i)
+    for (int j = 0; j < kTile; ++j) acc[i][j] = _mm512_loadu_ps(part + (i * kTile + j) * kVW);
+  for (int64_t k = k0; k < k1; k += 2 * kVW) {
+    __m512bh a[kTile];
+    for (int j = 0; j < kTile; ++j) a[j] = (__m512bh)_mm512_loadu_si512(ws[j] + k);
+    for (int i = 0; i < NT; ++i) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(xs[i] + k);
+      for (int j = 0; j < kTile; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, a[j]);
+    }
+  }
+  for (int i = 0; i < NT; ++i)
+    for (int j = 0; j < kTile; ++j) _mm512_storeu_ps(part + (i * kTile + j) * kVW, acc[i][j]);
+}
+#else
+constexpr bool kDotBf16 = false;
+#endif
+
+// h[i * r_pad + j] = scale * <x_i, A_j> for the n tokens xr and the r rows of A at `a`.
 template <typename T>
-inline const float* as_float(const T* src, int64_t n, float* scratch) {
-  if constexpr (std::is_same_v<T, float>) {
-    return src;
-  } else {
-    for (int64_t i = 0; i < n; ++i) scratch[i] = static_cast<float>(src[i]);
-    return scratch;
+void shrink(const T* const* x, const float* const* xr, int n, const T* a, int64_t r,
+            int64_t d_in, float scale, int64_t r_pad, Scratch& s) {
+  constexpr bool dot_bf16 = kDotBf16 && std::is_same_v<T, BF16>;
+  const int64_t d_vec = d_in / (dot_bf16 ? 2 * kVW : kVW) * (dot_bf16 ? 2 * kVW : kVW);
+  for (int64_t j0 = 0; j0 < r; j0 += kTile) {
+    const int64_t jn = std::min<int64_t>(kTile, r - j0);
+    std::fill(s.part, s.part + (size_t)n * kTile * kVW, 0.f);
+    // the ragged end of d_in (< kVW elements) in scalar code, then h
+    auto finish = [&](auto const* const* w) {
+      for (int i = 0; i < n; ++i)
+        for (int64_t j = 0; j < jn; ++j) {
+          float sum = hsum(loadu(s.part + ((size_t)i * kTile + j) * kVW));
+          for (int64_t k = d_vec; k < d_in; ++k)
+            sum += static_cast<float>(x[i][k]) * static_cast<float>(w[j][k]);
+          s.h[i * r_pad + j0 + j] = scale * sum;
+        }
+    };
+    if (n <= kTile || dot_bf16 || std::is_same_v<T, float>) {
+      // one token tile (decode), fp32 rows or bf16 dot products: A read in place, once per
+      // token tile (d_in in L1-sized blocks when several tiles reuse them)
+      const T* wr[kTile];
+      for (int j = 0; j < kTile; ++j) wr[j] = j < jn ? a + (j0 + j) * d_in : s.zero_row<T>();
+      for (int64_t k0 = 0; k0 < d_vec; k0 += (n <= kTile ? d_vec : kKC)) {
+        const int64_t k1 = n <= kTile ? d_vec : std::min<int64_t>(d_vec, k0 + kKC);
+        for (int i0 = 0; i0 < n; i0 += kTile)
+          with_tile(std::min(kTile, n - i0), [&](auto nt) {
+            float* part = s.part + (size_t)i0 * kTile * kVW;
+#if defined(__AVX512BF16__)
+            if constexpr (dot_bf16) {
+              dot_tile_bf16<nt.value>(reinterpret_cast<const BF16* const*>(x) + i0,
+                                      reinterpret_cast<const BF16* const*>(wr), k0, k1, part);
+              return;
+            }
+#endif
+            dot_tile<nt.value, T>(xr + i0, wr, k0, k1, part);
+          });
+      }
+      finish(wr);
+    } else {
+      // prefill in bf16/fp16: the 4 rows widened once, then d_in in L1-sized blocks so that
+      // they stay in L1 while the chunk's tokens stream past them
+      const float* wf[kTile];
+      for (int j = 0; j < kTile; ++j) {
+        if (j < jn) widen(a + (j0 + j) * d_in, d_in, s.a + (size_t)j * d_in);
+        wf[j] = j < jn ? s.a + (size_t)j * d_in : s.zero;
+      }
+      for (int64_t k0 = 0; k0 < d_vec; k0 += kKC) {
+        const int64_t k1 = std::min<int64_t>(d_vec, k0 + kKC);
+        for (int i0 = 0; i0 < n; i0 += kTile)
+          with_tile(std::min(kTile, n - i0), [&](auto nt) {
+            dot_tile<nt.value, float>(xr + i0, wf, k0, k1, s.part + (size_t)i0 * kTile * kVW);
+          });
+      }
+      finish(wf);
+    }
+  }
+}
+
+// Decode expand: out[rows[i], col : col + d_s] (+)= sum_j h[i][j] Bt[j] for NT tokens, B
+// streamed 4 rows at a time against NT x d_s fp32 accumulators in L1.
+template <int NT, typename T, typename O>
+void expand_rows(const float* h, int64_t r_pad, const T* bt, int64_t r, int64_t d_s,
+                 const int64_t* rows, O* out, int64_t stride_out, int64_t col, bool overwrite,
+                 Scratch& s) {
+  // bf16 on AVX-512: 32 columns per step, accumulated as [even | odd] and reordered at the end
+  constexpr bool pairs = kBf16Pairs && std::is_same_v<T, BF16>;
+  constexpr int step = pairs ? 2 * kVW : kVW;
+  float* acc = s.acc;  // written by the first 4 rows, accumulated into by the others
+  const int64_t d_vec = d_s / step * step;
+  for (int64_t j0 = 0; j0 < r; j0 += kTile) {
+    const bool first = j0 == 0;
+    const T* b[kTile];
+    float hv[NT][kTile];
+    for (int j = 0; j < kTile; ++j) {
+      const bool live = j0 + j < r;
+      b[j] = live ? bt + (j0 + j) * d_s : s.zero_row<T>();
+      for (int i = 0; i < NT; ++i) hv[i][j] = live ? h[i * r_pad + j0 + j] : 0.f;
+    }
+    for (int64_t c = 0; c < d_vec; c += step) {
+      vf b0, b1, b2, b3;
+#if defined(__AVX512F__)
+      if constexpr (pairs) {
+        vf o0, o1, o2, o3;
+        load_bf16_pairs(reinterpret_cast<const BF16*>(b[0]) + c, b0, o0);
+        load_bf16_pairs(reinterpret_cast<const BF16*>(b[1]) + c, b1, o1);
+        load_bf16_pairs(reinterpret_cast<const BF16*>(b[2]) + c, b2, o2);
+        load_bf16_pairs(reinterpret_cast<const BF16*>(b[3]) + c, b3, o3);
+        for (int i = 0; i < NT; ++i) {
+          float* a = acc + (size_t)i * d_s + c + kVW;
+          storeu(a, (first ? vf{} : loadu(a)) + hv[i][0] * o0 + hv[i][1] * o1 + hv[i][2] * o2 +
+                        hv[i][3] * o3);
+        }
+      } else
+#endif
+      {
+        b0 = load_vf(b[0] + c), b1 = load_vf(b[1] + c), b2 = load_vf(b[2] + c),
+        b3 = load_vf(b[3] + c);
+      }
+      for (int i = 0; i < NT; ++i) {
+        float* a = acc + (size_t)i * d_s + c;
+        storeu(a, (first ? vf{} : loadu(a)) + hv[i][0] * b0 + hv[i][1] * b1 + hv[i][2] * b2 +
+                      hv[i][3] * b3);
+      }
+    }
+    for (int64_t c = d_vec; c < d_s; ++c)
+      for (int i = 0; i < NT; ++i) {
+        float sum = first ? 0.f : acc[(size_t)i * d_s + c];
+        for (int j = 0; j < kTile; ++j) sum += hv[i][j] * static_cast<float>(b[j][c]);
+        acc[(size_t)i * d_s + c] = sum;
+      }
+  }
+  for (int i = 0; i < NT; ++i) {
+#if defined(__AVX512F__)
+    if constexpr (pairs)
+      for (int64_t c = 0; c < d_vec; c += step) interleave_pairs(acc + (size_t)i * d_s + c);
+#endif
+    accumulate_row(out + rows[i] * stride_out + col, acc + (size_t)i * d_s, d_s, overwrite);
+  }
+}
+
+// Prefill expand: kNC columns at a time, the block of Bt widened once (zero-padded past d_s)
+// into L1 and reused by every 4-token register tile.
+template <typename T, typename O>
+void expand_blocks(const float* h, int64_t r_pad, int n, const T* bt, int64_t r, int64_t d_s,
+                   const int64_t* rows, O* out, int64_t stride_out, int64_t col, bool overwrite,
+                   Scratch& s) {
+  for (int64_t c0 = 0; c0 < d_s; c0 += kNC) {
+    const int64_t nc = std::min<int64_t>(kNC, d_s - c0);
+    // fp32 full blocks are read in place; others widened / zero-padded into scratch
+    const float* b = s.b;
+    int64_t b_stride = kNC;
+    if constexpr (std::is_same_v<T, float>) {
+      if (nc == kNC) b = bt + c0, b_stride = d_s;
+    }
+    if (b == s.b) {
+      for (int64_t j = 0; j < r; ++j) {
+        float* dst = s.b + j * kNC;
+        widen(bt + j * d_s + c0, nc, dst);
+        std::fill(dst + nc, dst + kNC, 0.f);
+      }
+    }
+    for (int i0 = 0; i0 < n; i0 += kTile) {
+      with_tile(std::min(kTile, n - i0), [&](auto tile) {
+        constexpr int NT = tile.value;
+        vf acc[NT][kNV];
+        for (int i = 0; i < NT; ++i)
+          for (int v = 0; v < kNV; ++v) acc[i][v] = vf{};
+        for (int64_t j = 0; j < r; ++j) {
+          vf bv[kNV];
+          for (int v = 0; v < kNV; ++v) bv[v] = loadu(b + j * b_stride + v * kVW);
+          for (int i = 0; i < NT; ++i) {
+            const float hj = h[(i0 + i) * r_pad + j];  // scalar * vector broadcasts
+            for (int v = 0; v < kNV; ++v) acc[i][v] += hj * bv[v];
+          }
+        }
+        for (int i = 0; i < NT; ++i) {
+          O* o = out + rows[i0 + i] * stride_out + col + c0;
+          if (nc == kNC) {  // straight from registers (a round trip through memory would
+            for (int v = 0; v < kNV; ++v)  // stall on store forwarding)
+              store_vf(o + v * kVW, overwrite ? acc[i][v] : load_vf(o + v * kVW) + acc[i][v]);
+          } else {
+            float tmp[kNC];
+            for (int v = 0; v < kNV; ++v) storeu(tmp + v * kVW, acc[i][v]);
+            for (int64_t c = 0; c < nc; ++c)
+              o[c] = static_cast<O>(overwrite ? tmp[c] : static_cast<float>(o[c]) + tmp[c]);
+          }
+        }
+      });
+    }
   }
 }
 
@@ -117,103 +316,42 @@ template <typename T, typename O>
 void run_item(const T* x, int64_t stride_x, const T* A, const T* Bt, O* out, int64_t stride_out,
               const int64_t* rows, int n, int64_t d_in, const int32_t* ranks,
               const int32_t* a_off, const int64_t* b_off, const float* scales,
-              const std::vector<Slice>& slices, int64_t slot, bool overwrite,
-              std::vector<float>& scratch) {
+              const std::vector<Slice>& slices, int64_t slot, bool overwrite, Scratch& s) {
   const int64_t S = static_cast<int64_t>(slices.size());
-  const int n_pad = (n + kTile - 1) / kTile * kTile;
-  // scratch layout: x rows (fp32) | zero row | 4 A rows (fp32) | h | block of Bt (fp32) |
-  // partial dot products (kTile vectors per token)
-  int64_t r_max = 0;
-  for (int64_t s = 0; s < S; ++s) r_max = std::max<int64_t>(r_max, ranks[slot * S + s]);
-  const int64_t r_pad = (r_max + kTile - 1) / kTile * kTile;
-  const size_t need = (size_t)(kChunk + 1 + kTile) * d_in + (size_t)kChunk * r_pad +
-                      (size_t)std::max<int64_t>(r_pad, 1) * kNC + (size_t)kChunk * kTile * kVW;
-  if (scratch.size() < need) scratch.resize(need);
-  float* xbuf = scratch.data();
-  float* zero = xbuf + (size_t)kChunk * d_in;
-  float* abuf = zero + d_in;
-  float* h = abuf + (size_t)kTile * d_in;
-  float* bbuf = h + (size_t)kChunk * r_pad;
-  float* part = bbuf + (size_t)std::max<int64_t>(r_pad, 1) * kNC;
-  std::fill(zero, zero + d_in, 0.f);
-
-  const float* xr[kChunk];
-  for (int i = 0; i < n_pad; ++i) {
-    xr[i] = i < n ? as_float(x + rows[i] * stride_x, d_in, xbuf + (size_t)i * d_in) : zero;
+  int64_t r_max = 0, d_max = 0;
+  for (int64_t q = 0; q < S; ++q) {
+    r_max = std::max<int64_t>(r_max, ranks[slot * S + q]);
+    d_max = std::max<int64_t>(d_max, slices[q].d_out);
   }
-  for (int64_t s = 0; s < S; ++s) {
-    const int64_t r = ranks[slot * S + s];
+  const int64_t r_pad = (r_max + kTile - 1) / kTile * kTile;
+  s.carve(d_in, d_max, r_pad);
+  const T* xt[kChunk];
+  const float* xr[kChunk];
+  for (int i = 0; i < n; ++i) {
+    xt[i] = x + rows[i] * stride_x;
+    // fp32 copies of the rows for the FMA dot products (none needed by vdpbf16ps)
+    xr[i] = kDotBf16 && std::is_same_v<T, BF16> ? nullptr
+                                                : widened(xt[i], d_in, s.x + (size_t)i * d_in);
+  }
+  for (int64_t q = 0; q < S; ++q) {
+    const int64_t r = ranks[slot * S + q], d_s = slices[q].d_out, col = slices[q].col;
     if (r == 0) {  // nothing to add; in overwrite mode these columns become 0
       if (overwrite)
         for (int i = 0; i < n; ++i) {
-          O* o = out + rows[i] * stride_out + slices[s].col;
-          std::fill(o, o + slices[s].d_out, static_cast<O>(0.f));
+          O* o = out + rows[i] * stride_out + col;
+          std::fill(o, o + d_s, static_cast<O>(0.f));
         }
       continue;
     }
-    const float scale = scales[slot * S + s];
-    const T* a = A + (int64_t)a_off[slot * S + s] * d_in;
-    // shrink: h[i][j] = scale * <x_i, A_j>, d_in in L1-sized blocks so that the 4 rows of A
-    // stay in L1 while the chunk's tokens stream past them; the ragged end of d_in (< kVW
-    // elements) is added in scalar code.
-    const int64_t d_vec = d_in / kVW * kVW;
-    for (int64_t j0 = 0; j0 < r; j0 += kTile) {
-      const float* wr[kTile];
-      for (int j = 0; j < kTile; ++j)
-        wr[j] = j0 + j < r ? as_float(a + (j0 + j) * d_in, d_in, abuf + (size_t)j * d_in) : zero;
-      std::fill(part, part + (size_t)n_pad * kTile * kVW, 0.f);
-      for (int64_t k0 = 0; k0 < d_vec; k0 += kKC) {
-        const int64_t k1 = std::min<int64_t>(d_vec, k0 + kKC);
-        for (int i0 = 0; i0 < n_pad; i0 += kTile)
-          dot_tile(xr + i0, wr, k0, k1, part + (size_t)i0 * kTile * kVW);
-      }
-      for (int i = 0; i < n_pad; ++i)
-        for (int j = 0; j < kTile; ++j) {
-          float sum = hsum(loadu(part + ((size_t)i * kTile + j) * kVW));
-          for (int64_t k = d_vec; k < d_in; ++k) sum += xr[i][k] * wr[j][k];
-          h[i * r_pad + j0 + j] = scale * sum;
-        }
-    }
-    // expand: out[i][col + c] += sum_j h[i][j] * Bt[j][c], kNC columns at a time: the block
-    // of Bt is copied once (fp32, zero-padded past d_s) into L1 and reused by every token.
-    const int64_t d_s = slices[s].d_out, col = slices[s].col;
-    const T* bt = Bt + b_off[slot * S + s];
-    for (int64_t c0 = 0; c0 < d_s; c0 += kNC) {
-      const int64_t nc = std::min<int64_t>(kNC, d_s - c0);
-      for (int64_t j = 0; j < r; ++j) {
-        float* dst = bbuf + j * kNC;
-        const T* src = bt + j * d_s + c0;
-        for (int64_t c = 0; c < nc; ++c) dst[c] = static_cast<float>(src[c]);
-        for (int64_t c = nc; c < kNC; ++c) dst[c] = 0.f;
-      }
-      for (int i0 = 0; i0 < n_pad; i0 += kTile) {
-        vf acc[kTile][kNV];
-        for (int i = 0; i < kTile; ++i)
-          for (int v = 0; v < kNV; ++v) acc[i][v] = vf{};
-        for (int64_t j = 0; j < r; ++j) {
-          vf bv[kNV];
-          for (int v = 0; v < kNV; ++v) bv[v] = loadu(bbuf + j * kNC + v * kVW);
-          for (int i = 0; i < kTile; ++i) {
-            const float hj = h[(i0 + i) * r_pad + j];  // scalar * vector broadcasts
-            for (int v = 0; v < kNV; ++v) acc[i][v] += hj * bv[v];
-          }
-        }
-        for (int i = 0; i < kTile && i0 + i < n; ++i) {
-          O* o = out + rows[i0 + i] * stride_out + col + c0;
-          if constexpr (std::is_same_v<O, float>) {
-            if (nc == kNC) {
-              for (int v = 0; v < kNV; ++v)
-                storeu(o + v * kVW, overwrite ? acc[i][v] : loadu(o + v * kVW) + acc[i][v]);
-              continue;
-            }
-          }
-          float tmp[kNC];
-          for (int v = 0; v < kNV; ++v) storeu(tmp + v * kVW, acc[i][v]);
-          for (int64_t c = 0; c < nc; ++c)
-            o[c] = static_cast<O>(overwrite ? tmp[c] : static_cast<float>(o[c]) + tmp[c]);
-        }
-      }
-    }
+    shrink(xt, xr, n, A + (int64_t)a_off[slot * S + q] * d_in, r, d_in, scales[slot * S + q],
+           r_pad, s);
+    const T* bt = Bt + b_off[slot * S + q];
+    if (n <= kTile)
+      with_tile(n, [&](auto nt) {
+        expand_rows<nt.value>(s.h, r_pad, bt, r, d_s, rows, out, stride_out, col, overwrite, s);
+      });
+    else
+      expand_blocks(s.h, r_pad, n, bt, r, d_s, rows, out, stride_out, col, overwrite, s);
   }
 }
 
@@ -235,7 +373,9 @@ void launch(const torch::Tensor& x, const torch::Tensor& A, const torch::Tensor&
   const int64_t n_items = static_cast<int64_t>(items.size() / 3);
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> scratch;
+    // per OpenMP thread, kept across calls (the pool's threads persist): no allocation and
+    // zeroing of ~0.5 MiB per call
+    static thread_local Scratch scratch;
     int64_t rows[kChunk];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < n_items; ++it) {
@@ -367,6 +507,35 @@ void multi_lora_cpu(const torch::Tensor& x, const torch::Tensor& A, const torch:
   });
 }
 
+
+// Token groups of per-token slots (-1 = no adapter, any order): a stable counting sort by
+// slot, tokens without an adapter last.  Returns int64 (order [T], group_start [K],
+// group_len [K]) -- what slora.ops.build_token_meta computes with torch ops, in one O(T)
+// pass for eager CPU calls.
+std::vector<torch::Tensor> token_meta_cpu(const torch::Tensor& token_slots, int64_t max_slots) {
+  check(token_slots.device().is_cpu() && token_slots.dim() == 1 &&
+            token_slots.scalar_type() == torch::kLong,
+        "token_slots must be a 1-D int64 CPU tensor");
+  check(max_slots >= 0, "max_slots must be >= 0");
+  const auto slots = token_slots.contiguous();
+  const int64_t T = slots.numel(), K = max_slots;
+  const auto opts = torch::TensorOptions().dtype(torch::kLong);
+  torch::Tensor order = torch::empty({T}, opts), start = torch::empty({K}, opts),
+                len = torch::zeros({K}, opts);
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  int64_t *op = order.data_ptr<int64_t>(), *st = start.data_ptr<int64_t>(),
+          *ln = len.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) {
+    check(sp[t] >= -1 && sp[t] < K, "token slot out of range");
+    if (sp[t] >= 0) ++ln[sp[t]];
+  }
+  std::vector<int64_t> next(K);
+  int64_t total = 0;
+  for (int64_t k = 0; k < K; ++k) st[k] = next[k] = total, total += ln[k];
+  for (int64_t t = 0; t < T; ++t) op[sp[t] >= 0 ? next[sp[t]]++ : total++] = t;
+  return {order, start, len};
+}
+
 }  // namespace
 
 void register_multi_lora(pybind11::module_& m) {
@@ -376,4 +545,7 @@ void register_multi_lora(pybind11::module_& m) {
         py::arg("group_start"), py::arg("group_len"), py::arg("ranks"), py::arg("a_off"),
         py::arg("b_off"), py::arg("scales"), py::arg("slice_d_out"), py::arg("slice_col"),
         py::arg("out"), py::arg("overwrite") = false);
+  m.def("token_meta", &token_meta_cpu,
+        "(order, group_start, group_len) of per-token slots: a stable counting sort",
+        py::arg("token_slots"), py::arg("max_slots"));
 }

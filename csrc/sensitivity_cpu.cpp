@@ -18,11 +18,11 @@
 #include <cstring>
 #include <memory>
 
-#if defined(__F16C__)
-#include <immintrin.h>
-#endif
+#include "cpu_vec.h"  // widened: bf16 / fp16 rows to fp32
 
 namespace {
+
+using slora_cpu::widened;
 
 constexpr int64_t kRowBlock = 64;  // rows per independent partial (fixed: determinism)
 constexpr int64_t kChunk = 1024;   // columns widened to fp32 at a time (fits in L1)
@@ -31,45 +31,6 @@ constexpr int kLanes = 16;         // independent partial sums of a row norm (on
 // milliseconds when the cores are oversubscribed (threads wait for a time slice at the
 // barrier), so calibration-sized tensors (≤ 2 M elements, ≤ 200 µs on one core) run serially.
 constexpr int64_t kMinElementsPerThread = int64_t{1} << 21;
-
-// Widen n values to fp32; returns a pointer to fp32 data (the source itself for float).
-template <typename T>
-struct Widen {
-  static const float* run(const T* src, float* buf, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
-    return buf;
-  }
-};
-
-template <>
-struct Widen<float> {
-  static const float* run(const float* src, float*, int64_t) { return src; }
-};
-
-template <>
-struct Widen<c10::BFloat16> {
-  static const float* run(const c10::BFloat16* src, float* buf, int64_t n) {
-    const auto* bits = reinterpret_cast<const uint16_t*>(src);
-    auto* out = reinterpret_cast<uint32_t*>(buf);
-    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint32_t>(bits[i]) << 16;
-    return buf;
-  }
-};
-
-#if defined(__F16C__)
-template <>
-struct Widen<c10::Half> {
-  static const float* run(const c10::Half* src, float* buf, int64_t n) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-      __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-      _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(h));
-    }
-    for (; i < n; ++i) buf[i] = static_cast<float>(src[i]);
-    return buf;
-  }
-};
-#endif
 
 // acc[d] += v[d]² for d < n; returns Σ_d v[d]² summed in a fixed lane order.
 inline float accumulate_row(const float* __restrict v, float* __restrict acc, int64_t n) {
@@ -116,7 +77,7 @@ double sq_stats_typed(const T* x, int64_t rows, int64_t cols, int64_t row_stride
         float total = 0.f;
         for (int64_t c0 = 0; c0 < cols; c0 += kChunk) {
           const int64_t n = std::min(kChunk, cols - c0);
-          total += accumulate_row(Widen<T>::run(row + c0, buf.get(), n), acc + c0, n);
+          total += accumulate_row(widened(row + c0, n, buf.get()), acc + c0, n);
         }
         if (tok != nullptr) tok[t] = total;
         if (weights != nullptr) dot += static_cast<double>(total) * weights[t];

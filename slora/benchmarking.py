@@ -33,6 +33,17 @@ def peak_bandwidth(device: str | torch.device) -> float | None:
     return next((gbps * 1e9 for key, gbps in PEAK_GBPS.items() if key in name), None)
 
 
+def read_bandwidth(nbytes: int, device: str | torch.device = "cpu", min_time: float = 0.3) -> float:
+    """Bytes/s of a plain streaming read of ``nbytes`` on ``device``: ``torch.sum`` over an
+    fp32 buffer of that size, timed like the kernels.  The floor's bandwidth where no peak
+    figure is known (the CPU): measured in the same run, on as many bytes as the kernel reads,
+    so both run from the same level of the memory hierarchy (a few MiB stay in a large L3)."""
+    n = max(int(nbytes) // 4, 1 << 14)
+    buf = torch.rand(n, device=device)
+    seconds = measure({"read": buf.sum}, rounds=3, min_time=min_time)["read"].median
+    return n * 4 / seconds
+
+
 @dataclass
 class Timing:
     """Seconds per call, one sample per round."""

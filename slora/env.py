@@ -20,6 +20,7 @@ SENSITIVITY_OPS = ("input_stats", "grad_stats", "fisher_exact")
 ENV_VARS = (
     "SLORA_BACKEND",
     "SLORA_NO_NATIVE",
+    "SLORA_NATIVE_MARCH",
     "SLORA_CACHE",
     "SLORA_DATA",
     "TRITON_INTERPRET",

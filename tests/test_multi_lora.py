@@ -141,6 +141,37 @@ def test_half_precision(backend, dtype):
     assert_close(out32, ref, torch.float32 if backend != "triton" else dtype)
 
 
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="native ops not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_cpp_decode_and_prefill_paths(dtype, overwrite):
+    """Groups of 1-4 tokens (weights streamed and widened in registers) and of 5-70 tokens
+    (weights widened into scratch, 4-token tiles plus a partial one, two chunks), at widths
+    past two d_in blocks with ragged vector tails, into an output of the input dtype and
+    into an fp32 one."""
+    d_in, sizes = 1100, [1000, 37]
+    group_sizes = [1, 2, 3, 4, 5, 9, 70]
+    ranks = [(13, 6), (1, 0), (4, 9), (64, 3), (7, 7), (2, 17), (5, 1)]
+    adapters = make_adapters(ranks, d_in, sizes, dtype=dtype)
+    adapters = [[(A / d_in**0.5, B, s) for A, B, s in a] for a in adapters]
+    packed = PackedAdapters.from_list(adapters, d_out=sizes)
+    gen = torch.Generator().manual_seed(3)
+    slots = torch.repeat_interleave(torch.arange(len(group_sizes)), torch.tensor(group_sizes))
+    slots = torch.cat([slots, torch.tensor([-1, -1])])
+    slots = slots[torch.randperm(len(slots), generator=gen)]
+    T = slots.numel()
+    x = torch.randn(T, d_in, generator=gen).to(dtype)
+    ref = reference(x, slots, adapters, sizes)
+    meta = ml.build_token_meta(slots, packed.max_slots)
+    fn = forward_kernel(torch.device("cpu"), "cpp")
+    for out_dtype in {dtype, torch.float32}:
+        base = torch.randn(T, packed.d_out, generator=gen).to(out_dtype)
+        out = torch.full_like(base, float("nan")) if overwrite else base.clone()
+        fn(x, packed.weights(), meta, out, overwrite=overwrite)
+        want = ref if overwrite else ref + base.double()
+        assert_close(out, want, out_dtype if out_dtype == dtype else torch.float32)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_segments_with_empty_and_none(backend):
     ranks, d_in, sizes, _ = CASES["qkv"]
@@ -323,6 +354,24 @@ def test_token_meta_groups_sorted_tokens():
     assert meta.group_len.tolist() == [2, 0, 2, 1]
     assert meta.group_start.tolist() == [0, 2, 2, 4]
     assert meta.order[:5].tolist() == [2, 4, 0, 3, 5]  # stable by slot; −1 last
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="native ops not built")
+@pytest.mark.parametrize("T", [0, 1, 7, 300])
+def test_native_token_meta_equals_the_torch_one(monkeypatch, T):
+    """Eager CPU calls build the groups with the native counting sort once the extension is
+    loaded: the same order, starts and lengths as the torch ops (stable, −1 last)."""
+    from slora.kernels import _native
+
+    assert _native.extension() is not None
+    slots = torch.randint(-1, 5, (T,), generator=torch.Generator().manual_seed(T))
+    native = ml.build_token_meta(slots, max_slots=6)  # slot 5 never used: an empty group
+    monkeypatch.setattr(_native, "loaded", lambda: None)
+    torch_meta = ml.build_token_meta(slots, max_slots=6)
+    for name in ("order", "group_slot", "group_start", "group_len"):
+        assert torch.equal(getattr(native, name), getattr(torch_meta, name)), name
+    with pytest.raises(RuntimeError, match="token slot out of range"):
+        _native.extension().token_meta(torch.tensor([0, 6]), 6)
 
 
 def test_vllm_mapping_converter():

@@ -140,3 +140,22 @@ def test_rank_above_max_lora_rank_gets_vllms_own_error(runs):
         result, log = runs[key]
         assert result["over_rank_error"] is not None, f"{key}: the over-rank adapter was served"
         assert f"greater than max_lora_rank {MAX_LORA_RANK}" in log, f"{key}: {log[-2000:]}"
+
+
+def test_embedding_and_logits_lora_run_only_where_an_adapter_has_them(runs):
+    """Only ``plain`` adapts lm_head: the logits layer counts the slots holding it as live
+    (vLLM's path runs for them; a slot vLLM emptied may stay counted, which is only slower),
+    every other slot not; the embedding layer has no live slot (its zero LoRA is skipped).
+    The tokens of ``plain``'s requests equal PEFT's (test above)."""
+    for dtype in ("float32", "bfloat16"):
+        info = runs["slora", dtype][0]
+        plain_id = 1 + sorted({a for a in ADAPTERS if a}).index("plain")
+        ids, live = info["slot_ids"], info["live_slots"]
+        assert any("lm_head" in name for name in live), sorted(live)
+        for name, slots in live.items():
+            if "lm_head" not in name:
+                assert slots == [], (name, slots)
+                continue
+            holding = {k for k, i in enumerate(ids) if i == plain_id}
+            assert holding <= set(slots), (name, slots, ids)
+            assert all(ids[k] in (None, plain_id) for k in slots), (name, slots, ids)

@@ -36,6 +36,15 @@ class StockWrapper:
     def add_lora_linear(self, y, x, a, b, scale, output_slices, *, buffer=None, **kwargs):
         self.stock_calls += 1
 
+    def add_lora_embedding(self, y, x, lora_b_stacked, add_inputs=True, **kwargs):
+        self.stock_calls += 1
+        return y
+
+    def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None,
+                        **kwargs):  # fmt: skip
+        self.stock_calls += 1
+        return y
+
 
 class Wrapper(SloraWrapperMixin, StockWrapper):
     def __init__(self, max_tokens: int, device: str, max_loras: int) -> None:
@@ -198,6 +207,47 @@ def test_unsupported_calls_run_vllms_kernels():
                             (8,))  # fmt: skip
     assert wrapper.stock_calls == 4
     assert torch.equal(y, torch.zeros(3, 40))
+
+
+def test_embedding_and_logits_lora_skipped_while_no_slot_has_weights():
+    """vLLM's logits / embedding LoRA layers (one stacked tensor each) add exact zeros until
+    an adapter with lm_head / embed_tokens weights is loaded: skipped until then, vLLM's path
+    from then on, skipped again once that slot is emptied; layers never registered, and
+    traced calls, always run vLLM's path."""
+    wrapper = Wrapper(16, "cpu", 4)
+    logits = SimpleNamespace(lora_a_stacked=torch.zeros(4, 1, 8, 12),
+                             lora_b_stacked=torch.zeros(4, 1, 50, 8))  # fmt: skip
+    embed = SimpleNamespace(lora_a_stacked=torch.zeros(4, 50, 8),
+                            lora_b_stacked=torch.zeros(4, 1, 12, 8))  # fmt: skip
+    for layer in (logits, embed):
+        wrapper.slora_register(layer)
+    y, x = torch.randn(3, 50), torch.randn(3, 12)
+    y0 = y.clone()
+
+    def calls() -> int:
+        before = wrapper.stock_calls
+        assert wrapper.add_lora_logits(y, x, logits.lora_a_stacked, logits.lora_b_stacked,
+                                       1.0) is y  # fmt: skip
+        wrapper.add_lora_embedding(torch.zeros(3, 12), torch.zeros(3, 8), embed.lora_b_stacked)
+        return wrapper.stock_calls - before
+
+    assert calls() == 0 and torch.equal(y, y0)
+    wrapper.slora_load(logits, 2, 8)  # an adapter with lm_head weights in slot 2
+    wrapper.slora_load(embed, 2, 0)  # ... and none for embed_tokens
+    assert calls() == 1
+    wrapper.slora_load(logits, 2, 0)  # slot 2 now holds an adapter without lm_head
+    assert calls() == 0
+    unknown = torch.zeros(4, 1, 50, 8)
+    wrapper.add_lora_logits(y, x, logits.lora_a_stacked, unknown, 1.0)
+    assert wrapper.stock_calls == 2
+    zeroed = torch.ones(3, 12)
+    wrapper.add_lora_embedding(zeroed, torch.zeros(3, 8), embed.lora_b_stacked, add_inputs=False)
+    assert torch.equal(zeroed, torch.zeros(3, 12))
+    traced = torch.compile(lambda t: wrapper.add_lora_logits(t, x, logits.lora_a_stacked,
+                                                             logits.lora_b_stacked, 1.0),
+                           backend="eager")  # fmt: skip
+    traced(y.clone())
+    assert wrapper.stock_calls == 3
 
 
 def test_add_inputs_false_writes_the_delta():

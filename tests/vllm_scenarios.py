@@ -6,8 +6,9 @@ in the main test environment).  Each command prints one JSON line:
 
 ``prepare`` saves a small random Llama and five adapters of different ranks in ``DIR``:
 PEFT adapters with ``rank_pattern`` / ``alpha_pattern`` and with rsLoRA, one saved by
-``slora.save_adapter``, and one whose rank exceeds the engine's ``max_lora_rank``; then the
-greedy tokens and their log-probabilities of PEFT in transformers (fp32) for every request.
+``slora.save_adapter``, one that also adapts ``lm_head`` (vLLM's logits LoRA), and one whose
+rank exceeds the engine's ``max_lora_rank``; then the greedy tokens and their
+log-probabilities of PEFT in transformers (fp32) for every request.
 ``engine`` serves the same requests — adapters mixed in the batch with requests without
 one, more adapters than ``max_loras`` (slot churn), prompts longer than the token budget of
 a step (chunked prefill next to decodes) — and then asks for the over-rank adapter.
@@ -82,7 +83,8 @@ def prepare(root: Path) -> dict:
                               rank_pattern={"q_proj": 4, "down_proj": 16},
                               alpha_pattern={"v_proj": 4, "down_proj": 8}),
         "rslora": LoraConfig(r=16, lora_alpha=8, use_rslora=True, target_modules=TARGETS),
-        "plain": LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "up_proj"]),
+        "plain": LoraConfig(r=2, lora_alpha=4,  # lm_head too: vLLM's logits LoRA path
+                            target_modules=["q_proj", "v_proj", "up_proj", "lm_head"]),
         "too_big": LoraConfig(r=48, lora_alpha=48, target_modules=["q_proj"]),
     }  # fmt: skip
     for i, (name, cfg) in enumerate(specs.items()):
@@ -228,8 +230,15 @@ def inspect_worker(worker) -> dict:
         if store is not None:
             for slot in range(store.packed.max_slots):
                 ranks.update(r for r, *_ in store.packed.host_meta(slot))
+    # embedding / logits LoRA layers: the slots slora counts as holding weights, and the
+    # adapter ids vLLM keeps in each slot
+    tracked = getattr(wrapper, "_slora_live", {})
+    live = {name: sorted(tracked[id(module.lora_b_stacked)])
+            for name, module in manager.modules.items()
+            if id(getattr(module, "lora_b_stacked", None)) in tracked}  # fmt: skip
     return {"wrapper": type(wrapper).__name__, "stored_ranks": sorted(ranks),
-            "layer_error": check_layers(worker)}  # fmt: skip
+            "layer_error": check_layers(worker), "live_slots": live,
+            "slot_ids": list(manager.lora_index_to_id)}  # fmt: skip
 
 
 def main(argv: list[str]) -> None:

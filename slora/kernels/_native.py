@@ -136,7 +136,11 @@ def extension() -> ModuleType | None:
     sources = ["bindings.cpp"]
     for family in FAMILIES.values():
         sources += family.cpu + (family.cuda if with_cuda else ())
-    key = hashlib.sha1("\n".join(sources).encode()).hexdigest()[:8]
+    # torch rebuilds when a listed source changes, not when a header does: the headers'
+    # contents go into the name, so an edited header gets a fresh build
+    headers = b"".join(p.read_bytes() for p in sorted(csrc_dir().glob("*.h")))
+    march = os.environ.get("SLORA_NATIVE_MARCH", "native")  # e.g. haswell: the AVX2 paths
+    key = hashlib.sha1("\n".join([*sources, march]).encode() + headers).hexdigest()[:8]
     name = f"slora_native_{'cuda_' if with_cuda else ''}{key}"
     if os.environ.get("SLORA_NO_NATIVE", "") not in ("", "0"):
         status[name] = "disabled (SLORA_NO_NATIVE)"
@@ -161,7 +165,7 @@ def extension() -> ModuleType | None:
         module = load(
             name=name,
             sources=paths,
-            extra_cflags=["-O3", "-fopenmp", "-march=native", "-ffp-contract=fast", *defines],
+            extra_cflags=["-O3", "-fopenmp", f"-march={march}", "-ffp-contract=fast", *defines],
             extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),
             verbose=os.environ.get("SLORA_VERBOSE_BUILD", "") not in ("", "0"),
@@ -183,3 +187,9 @@ def extension() -> ModuleType | None:
 def available() -> bool:
     """Whether the native extension built (building it on first call)."""
     return extension() is not None
+
+
+def loaded() -> ModuleType | None:
+    """The native extension if this process already built or loaded it, else None — never
+    starts a build (for optional fast paths of code that also runs without it)."""
+    return extension() if extension.cache_info().currsize else None

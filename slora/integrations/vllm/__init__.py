@@ -15,7 +15,8 @@ What it changes (see docs/vllm.md):
   padded slot buffers into slora's true-rank storage (:mod:`.storage`), so the kernels never
   read rows past an adapter's rank.
 
-Everything else (embeddings, logits, MoE, fully sharded shrink/expand) stays vLLM's.
+Everything else (embeddings, logits, MoE, fully sharded shrink/expand) stays vLLM's; the
+embedding and logits LoRA calls are skipped while no loaded adapter has weights there.
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ every layer reads (no per-layer metadata, no host sync, fixed addresses for CUDA
 (the C++ op on the CPU, the Triton kernels on CUDA) on the layer's true-rank
 :class:`~slora.integrations.vllm.storage.LayerAdapters`.  Calls this path does not cover
 (another scale, a caller-provided buffer, LoRA weights in another dtype than the
-activations) and every other wrapper method run vLLM's own implementation.
+activations) and every other wrapper method run vLLM's own implementation — except that
+``add_lora_embedding`` / ``add_lora_logits`` are skipped while no slot holds weights for that
+layer (they would add exact zeros; see :meth:`SloraWrapperMixin.slora_no_weights`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ class SloraWrapperMixin:
         slots = int(lora_config.max_loras)
         self._slora_slots = slots
         self._slora_layers: dict[int, LayerAdapters | None] = {}
+        # embedding / logits LoRA layers (by id of their lora_b_stacked) -> slots holding weights
+        self._slora_live: dict[int, set[int]] = {}
         self._slora_order = torch.zeros(max_num_batched_tokens, dtype=torch.int64, device=dev)
         self._slora_group_slot = torch.arange(slots, dtype=torch.int64, device=dev)
         self._slora_group_start = torch.zeros(slots, dtype=torch.int64, device=dev)
@@ -38,10 +42,15 @@ class SloraWrapperMixin:
     # -- adapters -----------------------------------------------------------------------------
 
     def slora_register(self, layer: Any) -> None:
-        """Give ``layer`` its true-rank storage (None: the layer keeps vLLM's kernels)."""
+        """Give ``layer`` its true-rank storage (None: the layer keeps vLLM's kernels); an
+        embedding or logits LoRA layer (one stacked tensor) starts with no live slot."""
         stacked = getattr(layer, "lora_a_stacked", None)
+        b_stacked = getattr(layer, "lora_b_stacked", None)
+        if isinstance(stacked, Tensor) and isinstance(b_stacked, Tensor):
+            self._slora_live.setdefault(id(layer.lora_b_stacked), set())
+            return  # vLLM's kernels, skipped while no slot holds weights for this layer
         if not isinstance(stacked, tuple) or not stacked:
-            return  # not a LoRA linear layer (embeddings, logits): vLLM's kernels
+            return
         key = id(stacked[0])
         if key not in self._slora_layers:
             supported = LayerAdapters.supports(layer)
@@ -51,6 +60,9 @@ class SloraWrapperMixin:
         """Mirror vLLM's freshly written slot ``slot`` of ``layer`` (rank ≤ ``rank``)."""
         self.slora_register(layer)
         stacked = getattr(layer, "lora_a_stacked", None)
+        live = self._slora_live.get(id(getattr(layer, "lora_b_stacked", None)))
+        if live is not None:
+            (live.add if rank > 0 else live.discard)(slot)
         if isinstance(stacked, tuple) and stacked:
             store = self._slora_layers.get(id(stacked[0]))
             if store is not None:
@@ -119,6 +131,37 @@ class SloraWrapperMixin:
             y2.zero_()
         ops.multi_lora(x2, None, store.packed, meta=self.slora_meta(x2.shape[0]), out=y2)
         return y
+
+    # -- embedding and logits LoRA --------------------------------------------------------------
+
+    def slora_no_weights(self, lora_b_stacked: Tensor) -> bool:
+        """True when no slot holds weights for this embedding / logits layer (adapters rarely
+        train ``embed_tokens`` / ``lm_head``): vLLM's padded gather would add exact zeros, so
+        it is skipped.  Decided in Python, hence never while a graph is traced or captured
+        (vLLM's compiled and CUDA-graph modes run vLLM's path there)."""
+        live = self._slora_live.get(id(lora_b_stacked))
+        if live is None or live or torch.compiler.is_compiling():
+            return False
+        return not (lora_b_stacked.is_cuda and torch.cuda.is_current_stream_capturing())
+
+    def add_lora_embedding(self, y: Tensor, x: Tensor, lora_b_stacked: Tensor,
+                           add_inputs: bool = True, **kwargs: Any) -> Any:  # fmt: skip
+        """``y (+)= x @ B_slot`` of vLLM's embedding LoRA; nothing while no slot has weights."""
+        if self.slora_no_weights(lora_b_stacked):
+            if not add_inputs:
+                y.zero_()
+            return y
+        return super().add_lora_embedding(y, x, lora_b_stacked, add_inputs, **kwargs)  # type: ignore[misc]
+
+    def add_lora_logits(self, y: Tensor, x: Tensor, lora_a_stacked: Tensor,
+                        lora_b_stacked: Tensor, scale: float, *, buffer: Any = None,
+                        **kwargs: Any) -> Any:  # fmt: skip
+        """``y += B_slot (A_slot x)`` of vLLM's logits LoRA; nothing while no slot has weights."""
+        if self.slora_no_weights(lora_b_stacked):
+            return y
+        return super().add_lora_logits(  # type: ignore[misc]
+            y, x, lora_a_stacked, lora_b_stacked, scale, buffer=buffer, **kwargs
+        )
 
 
 class StandaloneWrapper(SloraWrapperMixin):
