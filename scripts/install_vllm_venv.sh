@@ -16,7 +16,8 @@ fi
 # present = vLLM imports and slora resolves to this checkout (checked from outside it: an
 # editable install of a moved or deleted checkout would otherwise pass via the cwd)
 HERE="$(pwd -P)"
-if [ -x "$VENV/bin/python" ] && (cd / && "$HERE/$VENV/bin/python" -c \
+case "$VENV" in /*) VPY="$VENV/bin/python" ;; *) VPY="$HERE/$VENV/bin/python" ;; esac
+if [ -x "$VPY" ] && (cd / && "$VPY" -c \
     "import vllm, slora, sys; sys.exit(not slora.__file__.startswith('$HERE/'))") 2>/dev/null; then
   echo "vLLM venv $VENV already present"
   exit 0
