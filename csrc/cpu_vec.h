@@ -114,15 +114,6 @@ inline void widen(const T* src, int64_t n, float* dst) {
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
-// o[0, n) = (overwrite ? 0 : o) + v[0, n), rounded to O.
-template <typename O>
-inline void accumulate_row(O* o, const float* v, int64_t n, bool overwrite) {
-  int64_t c = 0;
-  for (; c + kVW <= n; c += kVW)
-    store_vf(o + c, overwrite ? loadu(v + c) : load_vf(o + c) + loadu(v + c));
-  for (; c < n; ++c) o[c] = static_cast<O>(overwrite ? v[c] : static_cast<float>(o[c]) + v[c]);
-}
-
 // dst[0, n) = src[0, n) in fp32; returns src itself for fp32 (no copy).
 template <typename T>
 inline const float* widened(const T* src, int64_t n, float* dst) {
@@ -133,6 +124,9 @@ inline const float* widened(const T* src, int64_t n, float* dst) {
     return dst;
   }
 }
+
+// Ask for the cache line at p (into L1) ahead of its use; no fault for any address.
+inline void prefetch(const char* p) { __builtin_prefetch(p, 0, 3); }
 
 // Sum of the lanes (a shuffle tree, not kVW dependent scalar adds).
 inline float hsum(vf v) {
@@ -158,13 +152,12 @@ inline void load_bf16_pairs(const BF16* p, vf& even, vf& odd) {
   even = (vf)_mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
   odd = (vf)_mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int(0xFFFF0000u))));
 }
-// a[0, 32) held as [16 even | 16 odd] elements back in natural order.
-inline void interleave_pairs(float* a) {
-  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
-  const __m512 even = _mm512_loadu_ps(a), odd = _mm512_loadu_ps(a + kVW);
-  _mm512_storeu_ps(a, _mm512_permutex2var_ps(even, lo, odd));
-  _mm512_storeu_ps(a + kVW, _mm512_permutex2var_ps(even, hi, odd));
+// [even | odd] halves of 32 elements back in natural order: lo = elements 0..15, hi = 16..31.
+inline void interleave_pairs(vf even, vf odd, vf& lo, vf& hi) {
+  const __m512i l = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i u = _mm512_add_epi32(l, _mm512_set1_epi32(8));
+  lo = (vf)_mm512_permutex2var_ps((__m512)even, l, (__m512)odd);
+  hi = (vf)_mm512_permutex2var_ps((__m512)even, u, (__m512)odd);
 }
 constexpr bool kBf16Pairs = true;
 #else

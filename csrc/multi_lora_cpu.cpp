@@ -9,11 +9,11 @@
 //
 // Two regimes per item, both accumulating in fp32 for fp32 / fp16 / bf16 inputs:
 // - decode-sized items (at most kTile tokens: a few requests per adapter) are bound by the
-//   bytes of A and B.  Both are streamed once, 4 rows at a time, straight from memory and
-//   widened to fp32 in registers (bf16: a shift; fp16: vcvtph2ps); register tiles hold
-//   exactly the n tokens there are.  The expand keeps its n x d_s accumulators in L1, so B
-//   is read row after row (4 sequential streams) instead of r strided ones.
-// - larger items (prefill) are bound by FMAs: 4 rows of A and a 64-column block of B are
+//   bytes of A and B.  Both are streamed once straight from memory and widened to fp32 in
+//   registers (bf16: a shift or a mask; fp16: vcvtph2ps); register tiles hold exactly the n
+//   tokens there are.  The shrink reads A 4 rows at a time; the expand keeps n x kNC output
+//   columns in registers over all r rows of B, prefetching each row ahead.
+// - larger items (prefill) are bound by FMAs: 4 rows of A and a kNC-column block of B are
 //   widened once into L1-resident fp32 scratch and reused by every 4-token register tile.
 // Inner loops use GCC/Clang vector types (AVX-512 or AVX2 when the build targets them).
 #include <torch/extension.h>
@@ -34,7 +34,7 @@ using namespace slora_cpu;
 
 constexpr int kTile = 4;      // tokens and rank rows per register tile
 constexpr int kChunk = 64;    // tokens per work item
-constexpr int kNV = 4;        // vectors of output columns per expand tile (prefill)
+constexpr int kNV = 4;        // vectors of output columns per expand tile
 constexpr int kNC = kNV * kVW;
 constexpr int64_t kKC = 512;  // d_in block of the prefill shrink (4 rows of A: 8 KiB in fp32)
 
@@ -51,25 +51,26 @@ inline void with_tile(int nt, F&& f) {
 }
 
 // Per-thread scratch: x rows (fp32) | zero row | 4 widened rows of A | h | widened block of Bt
-// | partial dot products | decode accumulators.
+// | partial dot products.  Every part starts on a whole vector (vector<float> only gives 16
+// bytes), so that no vector load or store of a row starting there splits a cache line.
 struct Scratch {
   std::vector<float> buf;
-  float *x, *zero, *a, *h, *b, *part, *acc;
+  float *x, *zero, *a, *h, *b, *part;
 
   void carve(int64_t d_in, int64_t d_max, int64_t r_pad) {
-    const size_t sizes[7] = {(size_t)kChunk * d_in,
-                             (size_t)std::max(d_in, d_max) + kVW,
-                             (size_t)kTile * d_in,
-                             (size_t)kChunk * r_pad,
-                             (size_t)std::max<int64_t>(r_pad, 1) * kNC,
-                             (size_t)kChunk * kTile * kVW,
-                             (size_t)kTile * d_max};
-    size_t need = 0;
-    for (size_t n : sizes) need += n;
+    size_t sizes[6] = {(size_t)kChunk * d_in,
+                       (size_t)std::max(d_in, d_max) + kVW,
+                       (size_t)kTile * d_in,
+                       (size_t)kChunk * r_pad,
+                       (size_t)std::max<int64_t>(r_pad, 1) * kNC,
+                       (size_t)kChunk * kTile * kVW};
+    size_t need = kVW;
+    for (size_t& n : sizes) need += n = (n + kVW - 1) / kVW * kVW;
     if (buf.size() < need) buf.resize(need);
-    float** parts[7] = {&x, &zero, &a, &h, &b, &part, &acc};
+    float** parts[6] = {&x, &zero, &a, &h, &b, &part};
     float* p = buf.data();
-    for (int i = 0; i < 7; ++i) {
+    p += (kVW - reinterpret_cast<uintptr_t>(p) / sizeof(float) % kVW) % kVW;
+    for (int i = 0; i < 6; ++i) {
       *parts[i] = p;
       p += sizes[i];
     }
@@ -81,68 +82,100 @@ struct Scratch {
   }
 };
 
-// part[i][j] += xs[i] * ws[j] elementwise over [k0, k1) (a multiple of kVW long), for NT
+// part[i][j] += xs[i] * ws[j] elementwise over [k0, k1) (a multiple of kStep<W> long), for NT
 // tokens and 4 rows of weights of type W (fp32 scratch, or memory widened on load); the
 // partial vectors live in `part` between d_in blocks and are summed once at the end.
-template <int NT, typename W>
-inline void dot_tile(const float* const* xs, const W* const* ws, int64_t k0, int64_t k1,
+// bf16 weights on AVX-512 are widened 32 elements at a time as [even | odd] halves (a shift
+// and a mask, load_bf16_pairs) and multiplied with x in that same order: x rows either bf16
+// widened the same way (X = BF16: decode, x in L1 as half the bytes) or fp32 copies laid out
+// by widened_for_dot (X = float).  The dot products do not depend on the order.
+template <typename W>
+constexpr int kStep = kBf16Pairs && std::is_same_v<W, BF16> ? 2 * kVW : kVW;
+
+template <int NT, typename X, typename W>
+inline void dot_tile(const X* const* xs, const W* const* ws, int64_t k0, int64_t k1,
                      float* part) {
   vf acc[NT][kTile];
   for (int i = 0; i < NT; ++i)
     for (int j = 0; j < kTile; ++j) acc[i][j] = loadu(part + (i * kTile + j) * kVW);
   const W *w0 = ws[0], *w1 = ws[1], *w2 = ws[2], *w3 = ws[3];
-  for (int64_t k = k0; k < k1; k += kVW) {
-    // the 4 rows of A in registers, each token's vector loaded once
-    const vf a0 = load_vf(w0 + k), a1 = load_vf(w1 + k), a2 = load_vf(w2 + k),
-             a3 = load_vf(w3 + k);
-    for (int i = 0; i < NT; ++i) {
-      const vf xv = loadu(xs[i] + k);
-      acc[i][0] += xv * a0;
-      acc[i][1] += xv * a1;
-      acc[i][2] += xv * a2;
-      acc[i][3] += xv * a3;
+  for (int64_t k = k0; k < k1; k += kStep<W>) {
+#if defined(__AVX512F__)
+    if constexpr (kStep<W> == 2 * kVW) {
+      vf e0, e1, e2, e3, o0, o1, o2, o3;
+      load_bf16_pairs(w0 + k, e0, o0);
+      load_bf16_pairs(w1 + k, e1, o1);
+      load_bf16_pairs(w2 + k, e2, o2);
+      load_bf16_pairs(w3 + k, e3, o3);
+      for (int i = 0; i < NT; ++i) {
+        vf xe, xo;
+        if constexpr (std::is_same_v<X, BF16>) {
+          load_bf16_pairs(xs[i] + k, xe, xo);
+        } else {
+          xe = loadu(xs[i] + k), xo = loadu(xs[i] + k + kVW);
+        }
+        // (acc + xe * e) + xo * o: two FMAs (acc + (xe * e + xo * o) would be three ops)
+        acc[i][0] = acc[i][0] + xe * e0 + xo * o0;
+        acc[i][1] = acc[i][1] + xe * e1 + xo * o1;
+        acc[i][2] = acc[i][2] + xe * e2 + xo * o2;
+        acc[i][3] = acc[i][3] + xe * e3 + xo * o3;
+      }
+      continue;
+    }
+#endif
+    if constexpr (std::is_same_v<X, float>) {
+      // the 4 rows of A in registers, each token's vector loaded once
+      const vf a0 = load_vf(w0 + k), a1 = load_vf(w1 + k), a2 = load_vf(w2 + k),
+               a3 = load_vf(w3 + k);
+      for (int i = 0; i < NT; ++i) {
+        const vf xv = loadu(xs[i] + k);
+        acc[i][0] += xv * a0;
+        acc[i][1] += xv * a1;
+        acc[i][2] += xv * a2;
+        acc[i][3] += xv * a3;
+      }
     }
   }
   for (int i = 0; i < NT; ++i)
     for (int j = 0; j < kTile; ++j) storeu(part + (i * kTile + j) * kVW, acc[i][j]);
 }
 
-#if defined(__AVX512BF16__)
-constexpr bool kDotBf16 = true;
-// dot_tile for bf16 x and A on AVX512-BF16: vdpbf16ps multiplies 32 bf16 pairs exactly and
-// adds them pairwise into 16 fp32 lanes, so neither operand is widened; [k0, k1) is a
-// multiple of 32 long.
-template <int NT>
-inline void dot_tile_bf16(const BF16* const* xs, const BF16* const* ws, int64_t k0, int64_t k1,
-                          float* part) {
-  __m512 acc[NT][kTile];
-  for (int i = 0; i < NT; ++i)
-    for (int j = 0; j < kTile; ++j) acc[i][j] = _mm512_loadu_ps(part + (i * kTile + j) * kVW);
-  for (int64_t k = k0; k < k1; k += 2 * kVW) {
-    __m512bh a[kTile];
-    for (int j = 0; j < kTile; ++j) a[j] = (__m512bh)_mm512_loadu_si512(ws[j] + k);
-    for (int i = 0; i < NT; ++i) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(xs[i] + k);
-      for (int j = 0; j < kTile; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, a[j]);
+// fp32 copy of n elements of src in the order dot_tile reads them: [even | odd] halves of each
+// 32-element block for bf16 on AVX-512 (the tail past the last full block in place), else
+// natural order; fp32 rows are used in place (no copy).
+template <typename T>
+inline const float* widened_for_dot(const T* src, int64_t n, float* dst) {
+#if defined(__AVX512F__)
+  if constexpr (kStep<T> == 2 * kVW) {
+    int64_t i = 0;
+    for (; i + 2 * kVW <= n; i += 2 * kVW) {
+      vf even, odd;
+      load_bf16_pairs(src + i, even, odd);
+      storeu(dst + i, even);
+      storeu(dst + i + kVW, odd);
     }
+    for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+    return dst;
   }
-  for (int i = 0; i < NT; ++i)
-    for (int j = 0; j < kTile; ++j) _mm512_storeu_ps(part + (i * kTile + j) * kVW, acc[i][j]);
-}
-#else
-constexpr bool kDotBf16 = false;
 #endif
+  return widened(src, n, dst);
+}
 
-// h[i * r_pad + j] = scale * <x_i, A_j> for the n tokens xr and the r rows of A at `a`.
+// Whether decode-sized items read bf16 x rows in place (widened in registers) rather than
+// through fp32 copies.
+template <typename T>
+constexpr bool kXInPlace = kStep<T> == 2 * kVW;
+
+// h[i * r_pad + j] = scale * <x_i, A_j> for the n tokens (x: the rows, xr: their
+// widened_for_dot copies, unused when n <= kTile and kXInPlace) and the r rows of A at `a`.
 template <typename T>
 void shrink(const T* const* x, const float* const* xr, int n, const T* a, int64_t r,
             int64_t d_in, float scale, int64_t r_pad, Scratch& s) {
-  constexpr bool dot_bf16 = kDotBf16 && std::is_same_v<T, BF16>;
-  const int64_t d_vec = d_in / (dot_bf16 ? 2 * kVW : kVW) * (dot_bf16 ? 2 * kVW : kVW);
+  const int64_t d_vec = d_in / kStep<T> * kStep<T>;
   for (int64_t j0 = 0; j0 < r; j0 += kTile) {
     const int64_t jn = std::min<int64_t>(kTile, r - j0);
     std::fill(s.part, s.part + (size_t)n * kTile * kVW, 0.f);
-    // the ragged end of d_in (< kVW elements) in scalar code, then h
+    // the ragged end of d_in (past d_vec) in scalar code, then h
     auto finish = [&](auto const* const* w) {
       for (int i = 0; i < n; ++i)
         for (int64_t j = 0; j < jn; ++j) {
@@ -152,9 +185,9 @@ void shrink(const T* const* x, const float* const* xr, int n, const T* a, int64_
           s.h[i * r_pad + j0 + j] = scale * sum;
         }
     };
-    if (n <= kTile || dot_bf16 || std::is_same_v<T, float>) {
-      // one token tile (decode), fp32 rows or bf16 dot products: A read in place, once per
-      // token tile (d_in in L1-sized blocks when several tiles reuse them)
+    if (n <= kTile || std::is_same_v<T, float>) {
+      // one token tile (decode) or fp32 rows: A read in place, widened in registers, once
+      // per token tile (d_in in L1-sized blocks when several tiles reuse them)
       const T* wr[kTile];
       for (int j = 0; j < kTile; ++j) wr[j] = j < jn ? a + (j0 + j) * d_in : s.zero_row<T>();
       for (int64_t k0 = 0; k0 < d_vec; k0 += (n <= kTile ? d_vec : kKC)) {
@@ -162,14 +195,10 @@ void shrink(const T* const* x, const float* const* xr, int n, const T* a, int64_
         for (int i0 = 0; i0 < n; i0 += kTile)
           with_tile(std::min(kTile, n - i0), [&](auto nt) {
             float* part = s.part + (size_t)i0 * kTile * kVW;
-#if defined(__AVX512BF16__)
-            if constexpr (dot_bf16) {
-              dot_tile_bf16<nt.value>(reinterpret_cast<const BF16* const*>(x) + i0,
-                                      reinterpret_cast<const BF16* const*>(wr), k0, k1, part);
-              return;
-            }
-#endif
-            dot_tile<nt.value, T>(xr + i0, wr, k0, k1, part);
+            if constexpr (kXInPlace<T>)
+              dot_tile<nt.value>(x + i0, wr, k0, k1, part);
+            else
+              dot_tile<nt.value>(xr + i0, wr, k0, k1, part);
           });
       }
       finish(wr);
@@ -177,15 +206,14 @@ void shrink(const T* const* x, const float* const* xr, int n, const T* a, int64_
       // prefill in bf16/fp16: the 4 rows widened once, then d_in in L1-sized blocks so that
       // they stay in L1 while the chunk's tokens stream past them
       const float* wf[kTile];
-      for (int j = 0; j < kTile; ++j) {
-        if (j < jn) widen(a + (j0 + j) * d_in, d_in, s.a + (size_t)j * d_in);
-        wf[j] = j < jn ? s.a + (size_t)j * d_in : s.zero;
-      }
+      for (int j = 0; j < kTile; ++j)
+        wf[j] = j < jn ? widened_for_dot(a + (j0 + j) * d_in, d_in, s.a + (size_t)j * d_in)
+                       : s.zero;
       for (int64_t k0 = 0; k0 < d_vec; k0 += kKC) {
         const int64_t k1 = std::min<int64_t>(d_vec, k0 + kKC);
         for (int i0 = 0; i0 < n; i0 += kTile)
           with_tile(std::min(kTile, n - i0), [&](auto nt) {
-            dot_tile<nt.value, float>(xr + i0, wf, k0, k1, s.part + (size_t)i0 * kTile * kVW);
+            dot_tile<nt.value>(xr + i0, wf, k0, k1, s.part + (size_t)i0 * kTile * kVW);
           });
       }
       finish(wf);
@@ -193,66 +221,75 @@ void shrink(const T* const* x, const float* const* xr, int n, const T* a, int64_
   }
 }
 
-// Decode expand: out[rows[i], col : col + d_s] (+)= sum_j h[i][j] Bt[j] for NT tokens, B
-// streamed 4 rows at a time against NT x d_s fp32 accumulators in L1.
+// Decode expand: out[rows[i], col : col + d_s] (+)= sum_j h[i][j] Bt[j] for NT tokens, in
+// blocks of kNC columns whose NT x kNV accumulators stay in registers over all r rows of Bt
+// (no accumulator traffic through memory; out written once).  bf16 on AVX-512 loads 32
+// columns as [even | odd] halves and puts them back in order before the store.
+constexpr int kPrefetchBlocks = 4;  // how far ahead (in blocks) each row of Bt is prefetched
 template <int NT, typename T, typename O>
 void expand_rows(const float* h, int64_t r_pad, const T* bt, int64_t r, int64_t d_s,
-                 const int64_t* rows, O* out, int64_t stride_out, int64_t col, bool overwrite,
-                 Scratch& s) {
-  // bf16 on AVX-512: 32 columns per step, accumulated as [even | odd] and reordered at the end
-  constexpr bool pairs = kBf16Pairs && std::is_same_v<T, BF16>;
-  constexpr int step = pairs ? 2 * kVW : kVW;
-  float* acc = s.acc;  // written by the first 4 rows, accumulated into by the others
-  const int64_t d_vec = d_s / step * step;
-  for (int64_t j0 = 0; j0 < r; j0 += kTile) {
-    const bool first = j0 == 0;
-    const T* b[kTile];
-    float hv[NT][kTile];
-    for (int j = 0; j < kTile; ++j) {
-      const bool live = j0 + j < r;
-      b[j] = live ? bt + (j0 + j) * d_s : s.zero_row<T>();
-      for (int i = 0; i < NT; ++i) hv[i][j] = live ? h[i * r_pad + j0 + j] : 0.f;
-    }
-    for (int64_t c = 0; c < d_vec; c += step) {
-      vf b0, b1, b2, b3;
+                 const int64_t* rows, O* out, int64_t stride_out, int64_t col, bool overwrite) {
+  constexpr bool pairs = kStep<T> == 2 * kVW;
+  O* o[NT];
+  for (int i = 0; i < NT; ++i) o[i] = out + rows[i] * stride_out + col;
+  auto store = [&](O* p, vf v) { store_vf(p, overwrite ? v : load_vf(p) + v); };
+  int64_t c = 0;
+  for (; c + kNC <= d_s; c += kNC) {
+    vf acc[NT][kNV];
+    for (int i = 0; i < NT; ++i)
+      for (int v = 0; v < kNV; ++v) acc[i][v] = vf{};
+    for (int64_t j = 0; j < r; ++j) {
+      const T* b = bt + j * d_s + c;
+      // r rows are r streams, more than the hardware prefetcher follows: each row's block
+      // kPrefetchBlocks ahead is requested here
+      const char* ahead = reinterpret_cast<const char*>(b) + sizeof(T) * kPrefetchBlocks * kNC;
+      for (size_t l = 0; l < sizeof(T) * kNC; l += 64) prefetch(ahead + l);
+      vf bv[kNV];
 #if defined(__AVX512F__)
       if constexpr (pairs) {
-        vf o0, o1, o2, o3;
-        load_bf16_pairs(reinterpret_cast<const BF16*>(b[0]) + c, b0, o0);
-        load_bf16_pairs(reinterpret_cast<const BF16*>(b[1]) + c, b1, o1);
-        load_bf16_pairs(reinterpret_cast<const BF16*>(b[2]) + c, b2, o2);
-        load_bf16_pairs(reinterpret_cast<const BF16*>(b[3]) + c, b3, o3);
-        for (int i = 0; i < NT; ++i) {
-          float* a = acc + (size_t)i * d_s + c + kVW;
-          storeu(a, (first ? vf{} : loadu(a)) + hv[i][0] * o0 + hv[i][1] * o1 + hv[i][2] * o2 +
-                        hv[i][3] * o3);
-        }
+        for (int v = 0; v < kNV; v += 2)
+          load_bf16_pairs(reinterpret_cast<const BF16*>(b) + v * kVW, bv[v], bv[v + 1]);
       } else
 #endif
       {
-        b0 = load_vf(b[0] + c), b1 = load_vf(b[1] + c), b2 = load_vf(b[2] + c),
-        b3 = load_vf(b[3] + c);
+        for (int v = 0; v < kNV; ++v) bv[v] = load_vf(b + v * kVW);
       }
       for (int i = 0; i < NT; ++i) {
-        float* a = acc + (size_t)i * d_s + c;
-        storeu(a, (first ? vf{} : loadu(a)) + hv[i][0] * b0 + hv[i][1] * b1 + hv[i][2] * b2 +
-                      hv[i][3] * b3);
+        const float hj = h[i * r_pad + j];
+        for (int v = 0; v < kNV; ++v) acc[i][v] += hj * bv[v];
       }
     }
-    for (int64_t c = d_vec; c < d_s; ++c)
-      for (int i = 0; i < NT; ++i) {
-        float sum = first ? 0.f : acc[(size_t)i * d_s + c];
-        for (int j = 0; j < kTile; ++j) sum += hv[i][j] * static_cast<float>(b[j][c]);
-        acc[(size_t)i * d_s + c] = sum;
-      }
-  }
-  for (int i = 0; i < NT; ++i) {
+    for (int i = 0; i < NT; ++i) {
 #if defined(__AVX512F__)
-    if constexpr (pairs)
-      for (int64_t c = 0; c < d_vec; c += step) interleave_pairs(acc + (size_t)i * d_s + c);
+      if constexpr (pairs) {
+        for (int v = 0; v < kNV; v += 2) {
+          vf lo, hi;
+          interleave_pairs(acc[i][v], acc[i][v + 1], lo, hi);
+          store(o[i] + c + v * kVW, lo);
+          store(o[i] + c + (v + 1) * kVW, hi);
+        }
+        continue;
+      }
 #endif
-    accumulate_row(out + rows[i] * stride_out + col, acc + (size_t)i * d_s, d_s, overwrite);
+      for (int v = 0; v < kNV; ++v) store(o[i] + c + v * kVW, acc[i][v]);
+    }
   }
+  // the last d_s % kNC columns: whole vectors, then single columns
+  for (; c + kVW <= d_s; c += kVW) {
+    vf acc[NT];
+    for (int i = 0; i < NT; ++i) acc[i] = vf{};
+    for (int64_t j = 0; j < r; ++j) {
+      const vf bv = load_vf(bt + j * d_s + c);
+      for (int i = 0; i < NT; ++i) acc[i] += h[i * r_pad + j] * bv;
+    }
+    for (int i = 0; i < NT; ++i) store(o[i] + c, acc[i]);
+  }
+  for (; c < d_s; ++c)
+    for (int i = 0; i < NT; ++i) {
+      float sum = 0.f;
+      for (int64_t j = 0; j < r; ++j) sum += h[i * r_pad + j] * static_cast<float>(bt[j * d_s + c]);
+      o[i][c] = static_cast<O>(overwrite ? sum : static_cast<float>(o[i][c]) + sum);
+    }
 }
 
 // Prefill expand: kNC columns at a time, the block of Bt widened once (zero-padded past d_s)
@@ -329,9 +366,8 @@ void run_item(const T* x, int64_t stride_x, const T* A, const T* Bt, O* out, int
   const float* xr[kChunk];
   for (int i = 0; i < n; ++i) {
     xt[i] = x + rows[i] * stride_x;
-    // fp32 copies of the rows for the FMA dot products (none needed by vdpbf16ps)
-    xr[i] = kDotBf16 && std::is_same_v<T, BF16> ? nullptr
-                                                : widened(xt[i], d_in, s.x + (size_t)i * d_in);
+    xr[i] = kXInPlace<T> && n <= kTile ? nullptr
+                                       : widened_for_dot(xt[i], d_in, s.x + (size_t)i * d_in);
   }
   for (int64_t q = 0; q < S; ++q) {
     const int64_t r = ranks[slot * S + q], d_s = slices[q].d_out, col = slices[q].col;
@@ -348,7 +384,7 @@ void run_item(const T* x, int64_t stride_x, const T* A, const T* Bt, O* out, int
     const T* bt = Bt + b_off[slot * S + q];
     if (n <= kTile)
       with_tile(n, [&](auto nt) {
-        expand_rows<nt.value>(s.h, r_pad, bt, r, d_s, rows, out, stride_out, col, overwrite, s);
+        expand_rows<nt.value>(s.h, r_pad, bt, r, d_s, rows, out, stride_out, col, overwrite);
       });
     else
       expand_blocks(s.h, r_pad, n, bt, r, d_s, rows, out, stride_out, col, overwrite, s);
@@ -526,7 +562,8 @@ std::vector<torch::Tensor> token_meta_cpu(const torch::Tensor& token_slots, int6
   int64_t *op = order.data_ptr<int64_t>(), *st = start.data_ptr<int64_t>(),
           *ln = len.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t) {
-    check(sp[t] >= -1 && sp[t] < K, "token slot out of range");
+    TORCH_CHECK_VALUE(sp[t] >= -1 && sp[t] < K, "token_slots: every slot must be in [-1, ", K,
+                      ") (−1 = no adapter), got ", sp[t]);
     if (sp[t] >= 0) ++ln[sp[t]];
   }
   std::vector<int64_t> next(K);

@@ -66,11 +66,16 @@ def measure(
 
     Each sample is one call (``min_time`` = 0, for runs of a second or more; timed with
     ``torch.utils.benchmark``'s accelerator-synchronised clock) or the median of its blocked
-    autorange over ``min_time / rounds`` seconds (kernels).
+    autorange over ``min_time / rounds`` seconds (kernels).  Both run with
+    ``torch.get_num_threads()`` CPU threads.
     """
     if rounds < 1:
         raise ValueError(f"rounds must be ≥ 1, got {rounds}")
-    timers = {name: Timer("fn()", globals={"fn": fn}) for name, fn in fns.items()}
+    # Timer runs its statement on one thread unless told otherwise: the caller's setting
+    threads = torch.get_num_threads()
+    timers = {
+        name: Timer("fn()", globals={"fn": fn}, num_threads=threads) for name, fn in fns.items()
+    }
     for fn in fns.values():
         fn()
     out = {name: Timing([]) for name in fns}

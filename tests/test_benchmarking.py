@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from slora import benchmarking as bm
 
@@ -22,6 +23,20 @@ def test_measure_with_min_time_uses_blocked_autorange():
     calls = []
     out = bm.measure({"f": lambda: calls.append(1)}, rounds=2, min_time=0.02)
     assert len(out["f"].samples) == 2 and len(calls) > 3
+
+
+@pytest.mark.parametrize("min_time", [0.0, 0.02])
+def test_measure_runs_with_torchs_thread_count(min_time):
+    """torch.utils.benchmark.Timer alone would run every sample on one thread, whatever
+    `slora bench --threads` asked for."""
+    seen = set()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        bm.measure({"f": lambda: seen.add(torch.get_num_threads())}, rounds=2, min_time=min_time)
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {2}
 
 
 def test_peak_bandwidth_override_and_cpu(monkeypatch):

@@ -370,8 +370,13 @@ def test_native_token_meta_equals_the_torch_one(monkeypatch, T):
     torch_meta = ml.build_token_meta(slots, max_slots=6)
     for name in ("order", "group_slot", "group_start", "group_len"):
         assert torch.equal(getattr(native, name), getattr(torch_meta, name)), name
-    with pytest.raises(RuntimeError, match="token slot out of range"):
+    # out-of-range slots: the torch path's ValueError and message, from the native check
+    with pytest.raises(ValueError, match=r"every slot must be in \[-1, 6\).*got 6"):
         _native.extension().token_meta(torch.tensor([0, 6]), 6)
+    monkeypatch.undo()
+    for bad in (6, -2):
+        with pytest.raises(ValueError, match=r"token_slots: every slot must be in \[-1, 6\)"):
+            ml.build_token_meta(torch.tensor([0, bad, 1]), max_slots=6)
 
 
 def test_vllm_mapping_converter():

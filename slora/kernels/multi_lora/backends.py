@@ -5,6 +5,7 @@ native build stay optional).  Every forward kernel has the signature
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 
@@ -21,6 +22,7 @@ FORWARD = {
 BACKWARD = "slora.kernels.multi_lora.reference:multi_lora_backward_torch"
 
 
+@functools.cache  # once per target: an import statement costs microseconds on every call
 def _load(target: str) -> Callable:
     module, _, name = target.partition(":")
     return getattr(importlib.import_module(module), name)
