@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch.utils.benchmark import Timer
 
-from slora import bench, ops
+from slora import bench
 from slora.kernels import _native
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,13 +62,9 @@ def build(label: str, files: dict[str, str], march: str):
 
 def kernel_args(case: bench.Case, out: torch.Tensor) -> tuple:
     """The native op's arguments for ``case`` with its step metadata prebuilt (overwrite)."""
-    p = case.packed
-    if case.seg_indptr is None:
-        meta = ops.build_token_meta(case.token_slots, p.max_slots)
-    else:
-        meta = ops.build_segment_meta(case.seg_indptr, case.seg_slots, case.x.shape[0], p.max_slots)
+    meta = case.step_meta()
     order = meta.order if meta.order is not None else torch.empty(0, dtype=torch.int64)
-    w = p.weights()
+    w = case.packed.weights()
     return (
         case.x, w.A, w.Bt, order, meta.group_slot, meta.group_start, meta.group_len,
         w.ranks, w.a_offsets, w.b_offsets, w.scales, list(w.slice_sizes), list(w.col_starts),

@@ -50,6 +50,16 @@ inline void with_tile(int nt, F&& f) {
   }
 }
 
+// *p (+)= v, rounded to O: kVW elements from a vector, or one.
+template <typename O>
+inline void store_out(O* p, vf v, bool overwrite) {
+  store_vf(p, overwrite ? v : load_vf(p) + v);
+}
+template <typename O>
+inline void store_out(O* p, float v, bool overwrite) {
+  *p = static_cast<O>(overwrite ? v : static_cast<float>(*p) + v);
+}
+
 // Per-thread scratch: x rows (fp32) | zero row | 4 widened rows of A | h | widened block of Bt
 // | partial dot products.  Every part starts on a whole vector (vector<float> only gives 16
 // bytes), so that no vector load or store of a row starting there splits a cache line.
@@ -232,7 +242,6 @@ void expand_rows(const float* h, int64_t r_pad, const T* bt, int64_t r, int64_t 
   constexpr bool pairs = kStep<T> == 2 * kVW;
   O* o[NT];
   for (int i = 0; i < NT; ++i) o[i] = out + rows[i] * stride_out + col;
-  auto store = [&](O* p, vf v) { store_vf(p, overwrite ? v : load_vf(p) + v); };
   int64_t c = 0;
   for (; c + kNC <= d_s; c += kNC) {
     vf acc[NT][kNV];
@@ -265,13 +274,13 @@ void expand_rows(const float* h, int64_t r_pad, const T* bt, int64_t r, int64_t 
         for (int v = 0; v < kNV; v += 2) {
           vf lo, hi;
           interleave_pairs(acc[i][v], acc[i][v + 1], lo, hi);
-          store(o[i] + c + v * kVW, lo);
-          store(o[i] + c + (v + 1) * kVW, hi);
+          store_out(o[i] + c + v * kVW, lo, overwrite);
+          store_out(o[i] + c + (v + 1) * kVW, hi, overwrite);
         }
         continue;
       }
 #endif
-      for (int v = 0; v < kNV; ++v) store(o[i] + c + v * kVW, acc[i][v]);
+      for (int v = 0; v < kNV; ++v) store_out(o[i] + c + v * kVW, acc[i][v], overwrite);
     }
   }
   // the last d_s % kNC columns: whole vectors, then single columns
@@ -282,13 +291,13 @@ void expand_rows(const float* h, int64_t r_pad, const T* bt, int64_t r, int64_t 
       const vf bv = load_vf(bt + j * d_s + c);
       for (int i = 0; i < NT; ++i) acc[i] += h[i * r_pad + j] * bv;
     }
-    for (int i = 0; i < NT; ++i) store(o[i] + c, acc[i]);
+    for (int i = 0; i < NT; ++i) store_out(o[i] + c, acc[i], overwrite);
   }
   for (; c < d_s; ++c)
     for (int i = 0; i < NT; ++i) {
       float sum = 0.f;
       for (int64_t j = 0; j < r; ++j) sum += h[i * r_pad + j] * static_cast<float>(bt[j * d_s + c]);
-      o[i][c] = static_cast<O>(overwrite ? sum : static_cast<float>(o[i][c]) + sum);
+      store_out(o[i] + c, sum, overwrite);
     }
 }
 
@@ -331,12 +340,11 @@ void expand_blocks(const float* h, int64_t r_pad, int n, const T* bt, int64_t r,
           O* o = out + rows[i0 + i] * stride_out + col + c0;
           if (nc == kNC) {  // straight from registers (a round trip through memory would
             for (int v = 0; v < kNV; ++v)  // stall on store forwarding)
-              store_vf(o + v * kVW, overwrite ? acc[i][v] : load_vf(o + v * kVW) + acc[i][v]);
+              store_out(o + v * kVW, acc[i][v], overwrite);
           } else {
             float tmp[kNC];
             for (int v = 0; v < kNV; ++v) storeu(tmp + v * kVW, acc[i][v]);
-            for (int64_t c = 0; c < nc; ++c)
-              o[c] = static_cast<O>(overwrite ? tmp[c] : static_cast<float>(o[c]) + tmp[c]);
+            for (int64_t c = 0; c < nc; ++c) store_out(o + c, tmp[c], overwrite);
           }
         }
       });

@@ -24,7 +24,12 @@ import torch
 from torch import Tensor
 
 from slora.benchmarking import Row, format_table, measure, peak_bandwidth, read_bandwidth
-from slora.kernels.multi_lora import PackedAdapters
+from slora.kernels.multi_lora import (
+    LoRAMeta,
+    PackedAdapters,
+    build_segment_meta,
+    build_token_meta,
+)
 
 RANKS = (8, 16, 32, 64)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,6 +48,14 @@ class Case:
     seg_slots: Tensor | None
     adapters: list[tuple[Tensor, Tensor, float]]
     packed: PackedAdapters
+
+    def step_meta(self) -> LoRAMeta:
+        """The token groups built once, as a server does per step for all its layers."""
+        if self.seg_indptr is None:
+            return build_token_meta(self.token_slots, self.packed.max_slots)
+        return build_segment_meta(
+            self.seg_indptr, self.seg_slots, self.x.shape[0], self.packed.max_slots
+        )
 
 
 def make_adapters(
@@ -154,11 +167,7 @@ def contenders(case: Case, device: str) -> dict[str, Callable[[], object]]:
         )
     # a server builds the token groups once per step for all its layers (vLLM plugin,
     # AdapterPool): the same kernel with the step's metadata built beforehand
-    if slots is not None:
-        meta = ops.build_token_meta(slots, case.packed.max_slots)
-    else:
-        meta = ops.build_segment_meta(case.seg_indptr, case.seg_slots, case.x.shape[0],
-                                      case.packed.max_slots)  # fmt: skip
+    meta = case.step_meta()
     main = backends[0] if f"slora {backends[0]}" in fns else "torch"
     fns[f"slora {main}, step metadata prebuilt"] = lambda: ops.multi_lora(
         case.x, None, case.packed, meta=meta, backend=main
