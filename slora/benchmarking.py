@@ -33,15 +33,22 @@ def peak_bandwidth(device: str | torch.device) -> float | None:
     return next((gbps * 1e9 for key, gbps in PEAK_GBPS.items() if key in name), None)
 
 
-def read_bandwidth(nbytes: int, device: str | torch.device = "cpu", min_time: float = 0.3) -> float:
-    """Bytes/s of a plain streaming read of ``nbytes`` on ``device``: ``torch.sum`` over an
-    fp32 buffer of that size, timed like the kernels.  The floor's bandwidth where no peak
-    figure is known (the CPU): measured in the same run, on as many bytes as the kernel reads,
-    so both run from the same level of the memory hierarchy (a few MiB stay in a large L3)."""
+def streaming_read(
+    nbytes: int, device: str | torch.device = "cpu"
+) -> tuple[Callable[[], object], int]:
+    """A plain streaming read of about ``nbytes`` on ``device`` (``torch.sum`` over an fp32
+    buffer) and the bytes it reads: the floor's yardstick where no peak figure is known (the
+    CPU), on as many bytes as the kernel moves, so that both run from the same level of the
+    memory hierarchy (a few MiB stay in a large L3).  Time it in the same rounds as the kernels
+    (:func:`measure`) so that a drifting machine slows both alike."""
     n = max(int(nbytes) // 4, 1 << 14)
-    buf = torch.rand(n, device=device)
-    seconds = measure({"read": buf.sum}, rounds=3, min_time=min_time)["read"].median
-    return n * 4 / seconds
+    return torch.rand(n, device=device).sum, n * 4
+
+
+def read_bandwidth(nbytes: int, device: str | torch.device = "cpu", min_time: float = 0.3) -> float:
+    """Bytes/s of :func:`streaming_read` of ``nbytes`` on ``device``, timed like the kernels."""
+    fn, n = streaming_read(nbytes, device)
+    return n / measure({"read": fn}, rounds=3, min_time=min_time)["read"].median
 
 
 @dataclass

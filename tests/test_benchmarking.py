@@ -56,3 +56,25 @@ def test_table_reports_speedup_against_the_baseline_and_the_floor():
         "case": "decode", "impl": "slora", "ms": 0.5, "speedup_vs_baseline": 4.0,
         "floor_ms": 0.1, "fraction_of_floor": pytest.approx(0.2),
     }  # fmt: skip
+
+
+def test_bench_times_the_floor_read_in_the_same_rounds_as_the_kernels(monkeypatch):
+    """`slora bench` on the CPU: the streaming read that sets the floor is one more contender
+    of the interleaved rounds (a drifting machine slows it like the kernels), not a row."""
+    from slora import bench
+
+    timed: list[list[str]] = []
+
+    def spy(fns, **kwargs):
+        timed.append(list(fns))
+        return bm.measure(fns, **kwargs)
+
+    monkeypatch.setattr(bench, "measure", spy)
+    case = bench.decode_case(T=8, d=64, n_adapters=4)
+    rows = bench.run([case], "cpu", min_time=0.0, bandwidth=None)
+    assert len(timed) == 1 and bench.FLOOR_READ in timed[0]
+    assert [r.impl for r in rows] == [name for name in timed[0] if name != bench.FLOOR_READ]
+    assert all(r.floor_seconds is not None and r.floor_seconds > 0 for r in rows)
+    floor = bench.run([case], "cpu", min_time=0.0, bandwidth=1e9)[0].floor_seconds
+    assert floor == pytest.approx(bench.floor_bytes(case) / 1e9)  # a given bandwidth: no read
+    assert bench.FLOOR_READ not in timed[1]

@@ -110,6 +110,42 @@ def test_token_slots_fp32_match_float64(backend, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_x_with_strided_rows(backend):
+    """x whose rows are not contiguous (a transposed view, a column slice) gives the same
+    result: the backends read it through a contiguous copy, never with the wrong stride."""
+    ranks, d_in, sizes, T = CASES["qkv"]
+    adapters = make_adapters(ranks, d_in, sizes)
+    packed = PackedAdapters.from_list(adapters, d_out=sizes)
+    gen = torch.Generator().manual_seed(3)
+    slots = _slots_for(T, len(ranks), gen)
+    for x in (torch.randn(d_in, T, generator=gen).t(), torch.randn(T, 2 * d_in)[:, ::2]):
+        assert x.stride(1) != 1
+        assert_close(multi_lora(x, slots, packed, backend=backend),
+                     reference(x, slots, adapters, sizes), torch.float32)  # fmt: skip
+
+
+def test_slora_backend_environment_variable(monkeypatch):
+    """SLORA_BACKEND (read at import) picks the default; the argument wins; a bad value is
+    an error naming the variable."""
+    from slora.kernels import backend as be
+
+    default = ops.resolve_backend("cpu")
+    monkeypatch.setattr(be, "ENV_BACKEND", "torch")
+    be._resolve.cache_clear()
+    try:
+        assert ops.resolve_backend("cpu") == "torch"
+        assert ops.resolve_backend(torch.device("cpu"), default) == default
+        monkeypatch.setattr(be, "ENV_BACKEND", "fast")
+        be._resolve.cache_clear()
+        with pytest.raises(ValueError, match="unknown backend 'fast' \\(from SLORA_BACKEND\\)"):
+            ops.resolve_backend("cpu")
+    finally:
+        monkeypatch.undo()
+        be._resolve.cache_clear()
+    assert ops.resolve_backend("cpu") == default
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_overwrite_writes_every_element(backend):
     """A fresh output is not zero-filled first: the backend must write every element."""
     ranks, d_in, sizes, T = CASES["qkv"]

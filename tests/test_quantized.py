@@ -343,8 +343,10 @@ def test_unsupported_quantized_layer_is_named_with_what_is_supported():
 
     model = tiny_llama()
     model.model.layers[0].mlp.down_proj = PackedInt4Linear()
-    expected = r"PackedInt4Linear \(Tensor of dtype torch.int32\).*no integer in_features.*" \
+    expected = (
+        r"PackedInt4Linear \(Tensor of dtype torch.int32\).*no integer in_features.*"
         r"expected nn.Linear or a subclass \(bitsandbytes Linear4bit"
+    )
     with pytest.raises(TypeError, match=expected):
         slora.analyze(model, batches("llama", n=1), progress=False)
     with pytest.raises(TypeError, match=expected):
@@ -354,5 +356,6 @@ def test_unsupported_quantized_layer_is_named_with_what_is_supported():
     with pytest.raises(TypeError, match=expected):
         LoraLinear(model.model.layers[0].mlp.down_proj, rank=2, scale=1.0)
     with pytest.raises(ValueError, match="adapter_dtype must be a floating"):
-        slora.patch(tiny_llama(), plan_for_ranks(tiny_llama(), {"lm_head": 2}),
-                    adapter_dtype=torch.int8)
+        slora.patch(
+            tiny_llama(), plan_for_ranks(tiny_llama(), {"lm_head": 2}), adapter_dtype=torch.int8
+        )

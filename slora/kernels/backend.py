@@ -1,10 +1,10 @@
 """Which backend runs an op: ``triton`` (CUDA, or the CPU under ``TRITON_INTERPRET=1``),
 ``cpp`` (the native CPU ops built from ``csrc/``) or ``torch`` (the plain PyTorch reference).
 
-Chosen, in order, by the op's ``backend`` argument, the ``SLORA_BACKEND`` environment variable,
-and the device (Triton on CUDA, the C++ ops on the CPU when they build, else PyTorch).  Ops
-resolve the name when they run, inside their registered implementation, so the choice never
-enters a traced graph.
+Chosen, in order, by the op's ``backend`` argument, the ``SLORA_BACKEND`` environment variable
+(read when slora is imported), and the device (Triton on CUDA, the C++ ops on the CPU when they
+build, else PyTorch).  Ops resolve the name when they run, inside their registered
+implementation, so the choice never enters a traced graph.
 """
 
 from __future__ import annotations
@@ -35,10 +35,20 @@ def native_usable() -> bool:
     return _native.available()
 
 
+# Read once, when slora is imported: an ``os.environ`` lookup of a missing key costs about a
+# microsecond, on every op call.
+ENV_BACKEND = os.environ.get("SLORA_BACKEND") or None
+
+
 def resolve_backend(device: torch.device | str, backend: str | None = None) -> str:
     """Name of the backend that runs ops on ``device`` (see the module docstring)."""
-    device_type = torch.device(device).type
-    requested = backend or os.environ.get("SLORA_BACKEND") or None
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return _resolve(device_type, backend or None)
+
+
+@functools.cache  # its inputs are fixed once the process runs (errors are not cached)
+def _resolve(device_type: str, backend: str | None) -> str:
+    requested = backend or ENV_BACKEND
     if requested is not None:
         if requested not in BACKENDS:
             raise ValueError(

@@ -3,7 +3,6 @@ chunk of a group's tokens, OpenMP over chunks, ``torch.get_num_threads()`` threa
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from slora.kernels._native import extension
@@ -19,11 +18,8 @@ def multi_lora_cpp(
     ext = extension()
     if ext is None:
         raise RuntimeError("backend 'cpp' requested but the native ops could not be built")
-    order = meta.order if meta.order is not None else torch.empty(0, dtype=torch.int64)
-    ext.multi_lora(
-        x if x.stride(1) == 1 else x.contiguous(),
-        w.A, w.Bt, order, meta.group_slot, meta.group_start, meta.group_len,
-        w.ranks, w.a_offsets, w.b_offsets, w.scales,
-        list(w.slice_sizes), list(w.col_starts), out, overwrite,
+    ext.multi_lora(  # x with strided rows is copied there; a None order is the identity
+        x, w.A, w.Bt, meta.order, meta.group_slot, meta.group_start, meta.group_len,
+        w.ranks, w.a_offsets, w.b_offsets, w.scales, w.slice_sizes, w.col_starts, out, overwrite,
     )  # fmt: skip
     return out

@@ -127,30 +127,32 @@ def from_sglang(
 
 
 def check_call(x: Tensor, packed: PackedAdapters, meta: LoRAMeta, out: Tensor | None) -> None:
-    """Checks of shapes, dtypes and devices (no values: traceable) for a call with ``meta``."""
+    """Checks of shapes, dtypes and devices (no values: traceable) for a call with ``meta``.
+    Runs on every call of a server's layers: each tensor attribute is read once."""
     if not isinstance(packed, PackedAdapters):
         raise TypeError(f"packed must be a PackedAdapters, got {type(packed).__name__}")
-    if x.dim() != 2 or x.shape[1] != packed.d_in:
-        raise ValueError(f"x must be [tokens, {packed.d_in}], got {tuple(x.shape)}")
-    if x.dtype != packed.dtype:
-        raise ValueError(f"x has dtype {x.dtype} but the adapters are {packed.dtype}")
-    if x.device != packed.A.device:
-        raise ValueError(f"x is on {x.device} but the adapters are on {packed.A.device}")
     if not isinstance(meta, LoRAMeta):
         raise TypeError(f"meta must be a LoRAMeta, got {type(meta).__name__}")
-    if meta.group_slot.device != x.device:
-        raise ValueError(f"meta is on {meta.group_slot.device} but x is on {x.device}")
-    if meta.order is not None and meta.order.shape[0] != x.shape[0]:
-        raise ValueError(f"meta was built for {meta.order.shape[0]} tokens but x has {x.shape[0]}")
-    T = x.shape[0]
+    shape, dtype, device = x.shape, x.dtype, x.device
+    if len(shape) != 2 or shape[1] != packed.d_in:
+        raise ValueError(f"x must be [tokens, {packed.d_in}], got {tuple(shape)}")
+    if dtype != packed.dtype:
+        raise ValueError(f"x has dtype {dtype} but the adapters are {packed.dtype}")
+    if device != packed.A.device:
+        raise ValueError(f"x is on {device} but the adapters are on {packed.A.device}")
+    if meta.group_slot.device != device:
+        raise ValueError(f"meta is on {meta.group_slot.device} but x is on {device}")
+    T = shape[0]
+    if meta.order is not None and meta.order.shape[0] != T:
+        raise ValueError(f"meta was built for {meta.order.shape[0]} tokens but x has {T}")
     if out is not None:
-        if out.shape != (T, packed.d_out) or out.dtype not in (x.dtype, torch.float32):
+        if out.shape != (T, packed.d_out) or out.dtype not in (dtype, torch.float32):
             raise ValueError(
-                f"out must be [{T}, {packed.d_out}] of dtype {x.dtype} or float32, "
+                f"out must be [{T}, {packed.d_out}] of dtype {dtype} or float32, "
                 f"got {out.dtype} {tuple(out.shape)}"
             )
-        if out.device != x.device:
-            raise ValueError(f"out is on {out.device}, x on {x.device}")
+        if out.device != device:
+            raise ValueError(f"out is on {out.device}, x on {device}")
         if out.stride(-1) != 1:
             raise ValueError("out must have contiguous rows (stride 1 along the last dimension)")
 
