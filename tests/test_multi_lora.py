@@ -335,6 +335,26 @@ def test_lora_slices_errors():
 # --- packing --------------------------------------------------------------------------------
 
 
+def test_kept_weights_follow_growth_and_rank_changes():
+    """weights() is kept between calls (servers read it per layer) but never stale: buffers
+    reallocated by growth and a changed largest rank show, and the op computes with them."""
+    packed = PackedAdapters(8, 6, max_slots=3)  # no capacity: every load below grows
+    assert packed.weights() is packed.weights()
+    adapters = [None, None, None]
+    for slot, r in ((0, 2), (1, 5)):
+        adapters[slot] = (torch.randn(r, 8), torch.randn(6, r), 0.5)
+        packed.load(slot, adapters[slot])
+        w = packed.weights()
+        assert w.A is packed.A and w.Bt is packed.Bt and w.max_rank == r
+    packed.unload(1)
+    adapters[1] = None
+    assert packed.weights().max_rank == 2
+    x, slots = torch.randn(5, 8), torch.tensor([0, 1, 0, -1, 2])
+    want = reference(x, slots, [a and [a] for a in adapters], [6])
+    for be in BACKENDS:
+        assert_close(multi_lora(x, slots, packed, backend=be), want, torch.float32)
+
+
 def test_packing_is_at_true_ranks_and_rank_zero_is_free():
     adapters = make_adapters([(8, 0), (0, 0), (3, 5)], 10, [6, 4])
     packed = PackedAdapters.from_list(adapters)

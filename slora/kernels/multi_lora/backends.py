@@ -28,6 +28,7 @@ def _load(target: str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
+@functools.cache  # one lookup per call: a server calls it for every layer of every step
 def forward_kernel(device: torch.device, backend: str = "") -> Callable:
     """The forward kernel of ``backend`` ('' = the default for ``device``)."""
     return _load(FORWARD[resolve_backend(device, backend or None)])

@@ -138,13 +138,13 @@ def check_call(x: Tensor, packed: PackedAdapters, meta: LoRAMeta, out: Tensor | 
         raise ValueError(f"x must be [tokens, {packed.d_in}], got {tuple(shape)}")
     if dtype != packed.dtype:
         raise ValueError(f"x has dtype {dtype} but the adapters are {packed.dtype}")
-    if device != packed.A.device:
-        raise ValueError(f"x is on {device} but the adapters are on {packed.A.device}")
+    if device != packed.device:
+        raise ValueError(f"x is on {device} but the adapters are on {packed.device}")
     if meta.group_slot.device != device:
         raise ValueError(f"meta is on {meta.group_slot.device} but x is on {device}")
-    T = shape[0]
-    if meta.order is not None and meta.order.shape[0] != T:
-        raise ValueError(f"meta was built for {meta.order.shape[0]} tokens but x has {T}")
+    T, order = shape[0], meta.order
+    if order is not None and order.shape[0] != T:
+        raise ValueError(f"meta was built for {order.shape[0]} tokens but x has {T}")
     if out is not None:
         if out.shape != (T, packed.d_out) or out.dtype not in (dtype, torch.float32):
             raise ValueError(

@@ -9,6 +9,7 @@ only its own rows and one metadata row, and the kernels need no host synchronisa
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -91,9 +92,8 @@ class PackedAdapters:
         self.d_out = sum(outs)
         self.max_slots = int(max_slots)
         self.dtype = dtype
-        self.device = torch.device(device)
-        dev = self.device
-        self.A = torch.zeros(capacity_rows, self.d_in, dtype=dtype, device=dev)
+        self.A = torch.zeros(capacity_rows, self.d_in, dtype=dtype, device=device)
+        self.device = dev = self.A.device  # with its index ("cuda:0"), as x.device compares
         self.Bt = torch.zeros(capacity_b, dtype=dtype, device=dev)
         shape = (self.max_slots, self.n_slices)
         self.ranks = torch.zeros(shape, dtype=torch.int32, device=dev)
@@ -108,6 +108,7 @@ class PackedAdapters:
         self._host: dict[int, list[tuple[int, int, int, float]]] = {}
         self._max_rank = 0  # a plain int, so that torch.compile guards on it without tracing
         self._rank_floor = 0  # see reserve_rank
+        self._weights: KernelWeights | None = None  # see weights()
 
     # -- construction -------------------------------------------------------------------------
 
@@ -283,11 +284,17 @@ class PackedAdapters:
         return self._max_rank
 
     def weights(self) -> KernelWeights:
-        """The tensors and sizes the registered ops take (see :class:`KernelWeights`)."""
-        return KernelWeights(
-            self.A, self.Bt, self.ranks, self.a_offsets, self.b_offsets, self.scales,
-            self.slice_d_out, self.slice_col, list(self.slice_sizes), self._max_rank,
-        )  # fmt: skip
+        """The tensors and sizes the registered ops take (see :class:`KernelWeights`).  Read
+        on every call of a server's layers, so kept, and rebuilt only when a buffer was
+        reallocated (growth) or the largest rank changed: the other tensors are only ever
+        updated in place."""
+        w = self._weights
+        if w is None or w.A is not self.A or w.Bt is not self.Bt or w.max_rank != self._max_rank:
+            w = self._weights = KernelWeights(
+                self.A, self.Bt, self.ranks, self.a_offsets, self.b_offsets, self.scales,
+                self.slice_d_out, self.slice_col, list(self.slice_sizes), self._max_rank,
+            )  # fmt: skip
+        return w
 
     def adapter(self, slot: int) -> list[SliceAdapter]:
         """Views ``(A, B, scale)`` per slice of ``slot`` (None for rank 0)."""
@@ -359,11 +366,7 @@ class KernelWeights(NamedTuple):
 
     @property
     def col_starts(self) -> list[int]:
-        cols, c = [], 0
-        for d in self.slice_sizes:
-            cols.append(c)
-            c += d
-        return cols
+        return list(itertools.accumulate(self.slice_sizes[:-1], initial=0))
 
 
 def _slices_of(adapter: Any) -> list[SliceAdapter] | None:
