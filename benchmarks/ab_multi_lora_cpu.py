@@ -24,6 +24,7 @@ from torch.utils.benchmark import Timer
 
 from slora import bench
 from slora.kernels import _native
+from slora.kernels.multi_lora.cpp_backend import native_args
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ("multi_lora_cpu.cpp", "cpu_vec.h")
@@ -61,15 +62,12 @@ def build(label: str, files: dict[str, str], march: str):
 
 
 def kernel_args(case: bench.Case, out: torch.Tensor) -> tuple:
-    """The native op's arguments for ``case`` with its step metadata prebuilt (overwrite)."""
-    meta = case.step_meta()
-    order = meta.order if meta.order is not None else torch.empty(0, dtype=torch.int64)
-    w = case.packed.weights()
-    return (
-        case.x, w.A, w.Bt, order, meta.group_slot, meta.group_start, meta.group_len,
-        w.ranks, w.a_offsets, w.b_offsets, w.scales, list(w.slice_sizes), list(w.col_starts),
-        out, True,
-    )  # fmt: skip
+    """The native op's arguments for ``case`` with its step metadata prebuilt (overwrite); an
+    empty tensor for a None order, which revisions before 0dbecf7 require."""
+    args = list(native_args(case.x, case.packed.weights(), case.step_meta(), out, True))
+    if args[3] is None:
+        args[3] = torch.empty(0, dtype=torch.int64)
+    return tuple(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from slora import bench, ops
 from slora.benchmarking import measure
 from slora.kernels._native import extension
 from slora.kernels.multi_lora import build_token_meta
-from slora.kernels.multi_lora.cpp_backend import multi_lora_cpp
+from slora.kernels.multi_lora.cpp_backend import multi_lora_cpp, native_args
 from slora.kernels.multi_lora.library import run_kernel
 
 
@@ -30,10 +30,7 @@ def ladder(case: bench.Case, meta, out: torch.Tensor) -> dict:  # noqa: ANN001
     """The native call and each wrapper above it, on ``case`` with ``meta`` (out +=)."""
     ext, packed, x = extension(), case.packed, case.x
     w = packed.weights()
-    args = (
-        x, w.A, w.Bt, meta.order, meta.group_slot, meta.group_start, meta.group_len,
-        w.ranks, w.a_offsets, w.b_offsets, w.scales, w.slice_sizes, w.col_starts, out, False,
-    )  # fmt: skip
+    args = native_args(x, w, meta, out)
     return {
         "native op": lambda: ext.multi_lora(*args),
         "cpp_backend": lambda: multi_lora_cpp(x, w, meta, out),

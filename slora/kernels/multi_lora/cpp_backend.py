@@ -10,6 +10,17 @@ from slora.kernels.multi_lora.meta import LoRAMeta
 from slora.kernels.multi_lora.packed import KernelWeights
 
 
+def native_args(
+    x: Tensor, w: KernelWeights, meta: LoRAMeta, out: Tensor, overwrite: bool = False
+) -> tuple:
+    """The native op's positional arguments (x with strided rows is copied there; a None
+    order is the identity)."""
+    return (
+        x, w.A, w.Bt, meta.order, meta.group_slot, meta.group_start, meta.group_len,
+        w.ranks, w.a_offsets, w.b_offsets, w.scales, w.slice_sizes, w.col_starts, out, overwrite,
+    )  # fmt: skip
+
+
 def multi_lora_cpp(
     x: Tensor, w: KernelWeights, meta: LoRAMeta, out: Tensor, overwrite: bool = False
 ) -> Tensor:
@@ -18,8 +29,5 @@ def multi_lora_cpp(
     ext = extension()
     if ext is None:
         raise RuntimeError("backend 'cpp' requested but the native ops could not be built")
-    ext.multi_lora(  # x with strided rows is copied there; a None order is the identity
-        x, w.A, w.Bt, meta.order, meta.group_slot, meta.group_start, meta.group_len,
-        w.ranks, w.a_offsets, w.b_offsets, w.scales, w.slice_sizes, w.col_starts, out, overwrite,
-    )  # fmt: skip
+    ext.multi_lora(*native_args(x, w, meta, out, overwrite))
     return out
