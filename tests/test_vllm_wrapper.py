@@ -16,6 +16,7 @@ from vllm_scenarios import padded_reference
 
 from slora import ops
 from slora.integrations import vllm as plugin
+from slora.integrations.vllm import manager
 from slora.integrations.vllm.storage import LayerAdapters, effective_rank, rank_hint
 from slora.integrations.vllm.wrapper import SloraWrapperMixin
 
@@ -209,18 +210,50 @@ def test_unsupported_calls_run_vllms_kernels():
     assert torch.equal(y, torch.zeros(3, 40))
 
 
+class Manager:
+    """The part of vLLM's ``LoRAModelManager`` state that slora's hooks read: modules, the
+    slot table, registered adapters (here: module name -> weights with ``lora_a``)."""
+
+    def __init__(self, modules: dict, slots: int) -> None:
+        self.modules = modules
+        self.lora_index_to_id: list[int | None] = [None] * slots
+        self._registered_adapters: dict[int, dict] = {}
+
+    def _get_lora_layer_weights(self, lora_model: dict, name: str):
+        return lora_model.get(name)
+
+    def activate(self, lora_id: int, weights: dict) -> None:
+        """What ``activate_adapter`` does to the state, then slora's hook."""
+        self._registered_adapters[lora_id] = weights
+        self.lora_index_to_id[self.lora_index_to_id.index(None)] = lora_id
+        manager.sync_slot(self, lora_id)
+
+    def deactivate(self, lora_id: int) -> None:
+        """What ``_deactivate_adapter`` does to the state, then slora's hook."""
+        slot = self.lora_index_to_id.index(lora_id)
+        self.lora_index_to_id[slot] = None
+        manager.clear_slots(self, [slot])
+
+
 def test_embedding_and_logits_lora_skipped_while_no_slot_has_weights():
     """vLLM's logits / embedding LoRA layers (one stacked tensor each) add exact zeros until
-    an adapter with lm_head / embed_tokens weights is loaded: skipped until then, vLLM's path
-    from then on, skipped again once that slot is emptied; layers never registered, and
-    traced calls, always run vLLM's path."""
+    an adapter with lm_head / embed_tokens weights is active: skipped until then (a fresh
+    engine), vLLM's path while such an adapter holds a slot, skipped again once it is
+    deactivated or every adapter removed; layers never registered, and traced calls, always
+    run vLLM's path."""
     wrapper = Wrapper(16, "cpu", 4)
-    logits = SimpleNamespace(lora_a_stacked=torch.zeros(4, 1, 8, 12),
-                             lora_b_stacked=torch.zeros(4, 1, 50, 8))  # fmt: skip
-    embed = SimpleNamespace(lora_a_stacked=torch.zeros(4, 50, 8),
-                            lora_b_stacked=torch.zeros(4, 1, 12, 8))  # fmt: skip
-    for layer in (logits, embed):
-        wrapper.slora_register(layer)
+    logits = SimpleNamespace(
+        lora_a_stacked=torch.zeros(4, 1, 8, 12),
+        lora_b_stacked=torch.zeros(4, 1, 50, 8),
+        punica_wrapper=wrapper,
+    )
+    embed = SimpleNamespace(
+        lora_a_stacked=torch.zeros(4, 50, 8),
+        lora_b_stacked=torch.zeros(4, 1, 12, 8),
+        punica_wrapper=wrapper,
+    )
+    mgr = Manager({"lm_head": logits, "embed_tokens": embed}, 4)
+    manager.register_layers(mgr)
     y, x = torch.randn(3, 50), torch.randn(3, 12)
     y0 = y.clone()
 
@@ -231,23 +264,55 @@ def test_embedding_and_logits_lora_skipped_while_no_slot_has_weights():
         wrapper.add_lora_embedding(torch.zeros(3, 12), torch.zeros(3, 8), embed.lora_b_stacked)
         return wrapper.stock_calls - before
 
+    with_head = {"lm_head": SimpleNamespace(lora_a=torch.ones(8, 12))}
     assert calls() == 0 and torch.equal(y, y0)
-    wrapper.slora_load(logits, 2, 8)  # an adapter with lm_head weights in slot 2
-    wrapper.slora_load(embed, 2, 0)  # ... and none for embed_tokens
+    mgr.activate(5, {})  # an adapter without lm_head / embed_tokens weights
+    assert calls() == 0
+    mgr.activate(7, with_head)  # one with lm_head weights (and none for embed_tokens)
     assert calls() == 1
-    wrapper.slora_load(logits, 2, 0)  # slot 2 now holds an adapter without lm_head
+    mgr.deactivate(7)  # evicted: its slot is empty again
+    assert calls() == 0
+    mgr.activate(7, with_head)
+    mgr.activate(8, {})
+    assert calls() == 1
+    mgr.lora_index_to_id = [None] * 4  # remove_all_adapters
+    manager.clear_slots(mgr, [0, 1, 2, 3])
     assert calls() == 0
     unknown = torch.zeros(4, 1, 50, 8)
     wrapper.add_lora_logits(y, x, logits.lora_a_stacked, unknown, 1.0)
-    assert wrapper.stock_calls == 2
+    assert wrapper.stock_calls == 3
     zeroed = torch.ones(3, 12)
     wrapper.add_lora_embedding(zeroed, torch.zeros(3, 8), embed.lora_b_stacked, add_inputs=False)
     assert torch.equal(zeroed, torch.zeros(3, 12))
+    mgr.activate(7, with_head)
+    manager.clear_slots(mgr, [])  # a hook that changes nothing keeps the marks
     traced = torch.compile(lambda t: wrapper.add_lora_logits(t, x, logits.lora_a_stacked,
                                                              logits.lora_b_stacked, 1.0),
                            backend="eager")  # fmt: skip
+    mgr.deactivate(7)
     traced(y.clone())
-    assert wrapper.stock_calls == 3
+    assert wrapper.stock_calls == 4
+
+
+def test_deactivated_slot_is_dropped_from_the_store():
+    """A slot vLLM empties is unloaded from the true-rank store (rank 0), the others kept."""
+    wrapper, layer, gen = _setup("cpu", torch.float32)
+    layer.punica_wrapper = wrapper
+    mgr = Manager({"layer": layer}, 4)
+    manager.register_layers(mgr)
+    for lora_id, ranks in ((3, [2, 5, 1]), (4, [7, 0, 3])):
+        slot = mgr.lora_index_to_id.index(None)
+        layer.set_lora(slot, ranks, gen)
+        mgr.activate(
+            lora_id, {"layer": SimpleNamespace(lora_a=[torch.zeros(r, 40) for r in ranks])}
+        )
+    assert [[r for r, *_ in h] for h in _stored(wrapper, layer)][:2] == [[2, 5, 1], [7, 0, 3]]
+    mgr.deactivate(3)
+    assert [[r for r, *_ in h] for h in _stored(wrapper, layer)][:2] == [[0, 0, 0], [7, 0, 3]]
+    slots = torch.tensor([1, 0, -1, 1])  # a token of the emptied slot would read nothing
+    y0, y, delta = _run(wrapper, layer, slots, torch.float32, "cpu", gen)
+    _check(y[[0, 2, 3]], (y0.double() + delta)[[0, 2, 3]], torch.float32)
+    torch.testing.assert_close(y[1], y0[1])
 
 
 def test_add_inputs_false_writes_the_delta():
@@ -303,11 +368,25 @@ def test_add_lora_linear_traces_with_fullgraph(device):
 
 
 def test_switch_off_leaves_vllm_alone(monkeypatch):
-    for value, on in (("0", False), ("off", False), ("1", True), ("", True)):
+    off = ("0", "off", "No", "FALSE")
+    on_ = ("1", "", "on", " yes ", "True")
+    for value, on in [(v, False) for v in off] + [(v, True) for v in on_]:
         monkeypatch.setenv(plugin.ENV_SWITCH, value)
         assert plugin.enabled() is on
+    monkeypatch.delenv(plugin.ENV_SWITCH)
+    assert plugin.enabled() is True
     monkeypatch.setenv(plugin.ENV_SWITCH, "0")
     plugin.register()  # returns before importing vLLM (absent from this environment)
+
+
+@pytest.mark.parametrize("value", ["O", "2", "disable", "of", "0 1"])
+def test_switch_refuses_values_it_does_not_document(monkeypatch, value):
+    """A typo must not leave the plugin silently on: the error names the variable."""
+    monkeypatch.setenv(plugin.ENV_SWITCH, value)
+    with pytest.raises(ValueError, match=f"SLORA_VLLM={value!r}.*0/false/off/no"):
+        plugin.enabled()
+    with pytest.raises(ValueError, match="SLORA_VLLM"):
+        plugin.register()
 
 
 def test_entry_point_is_declared():
@@ -325,3 +404,33 @@ def test_layer_adapters_supports():
     layer = Layer(40, (24, 8), 4, 16, torch.float32, "cpu")
     assert LayerAdapters.supports(layer)
     assert not LayerAdapters.supports(SimpleNamespace(lora_a_stacked=torch.zeros(1)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_a", [True, False])
+def test_gathered_lora_gives_slot_minus_one_nothing(dtype, with_a):
+    """The CPU logits / embedding LoRA: per-token slot k adds ``B_k (s A_k x)`` (``x B_kᵀ``
+    without A), slot −1 nothing — vLLM's own gather indexes −1 as the last slot — and columns
+    past the adapter's width (vocabulary padding) stay as they were."""
+    from slora.integrations.vllm.wrapper import gathered_lora
+
+    gen = torch.Generator().manual_seed(5)
+    slots_n, r, d_in, vocab, pad = 3, 4, 12, 50, 6
+    A = torch.randn(slots_n, 1, r, d_in, generator=gen).to(dtype)
+    B = torch.randn(slots_n, 1, vocab, r, generator=gen).to(dtype)
+    slots = torch.tensor([2, -1, 0, -1, 1, 2])
+    x = torch.randn(6, d_in if with_a else r, generator=gen).to(dtype)
+    y0 = torch.randn(6, vocab + pad, generator=gen).to(dtype)
+    y = y0.clone()
+    gathered_lora(y, x, B, slots, True, A if with_a else None, 0.5)
+    expected = y0.double().clone()
+    for t, k in enumerate(slots.tolist()):
+        if k < 0:
+            continue
+        h = 0.5 * (A[k, 0].double() @ x[t].double()) if with_a else x[t].double()
+        expected[t, :vocab] += B[k, 0].double() @ h
+    _check(y, expected, dtype)
+    assert torch.equal(y[[1, 3]], y0[[1, 3]]) and torch.equal(y[:, vocab:], y0[:, vocab:])
+    replaced = torch.full_like(y0, float("nan"))
+    gathered_lora(replaced, x, B, slots, False, A if with_a else None, 0.5)
+    _check(replaced[:, :vocab], (expected - y0.double())[:, :vocab], dtype)

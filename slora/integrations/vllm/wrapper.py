@@ -15,6 +15,7 @@ layer (they would add exact zeros; see :meth:`SloraWrapperMixin.slora_no_weights
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -22,6 +23,25 @@ from torch import Tensor
 
 from slora import ops
 from slora.integrations.vllm.storage import LayerAdapters
+
+LOGGER = "vllm.slora"  # under vLLM's "vllm" logger: its handler and level apply
+_announced = False
+
+
+def _announce(wrapper: str, device: torch.device) -> None:
+    """Say once per process, through vLLM's logger, what serves vLLM's LoRA."""
+    global _announced
+    if _announced:
+        return
+    _announced = True
+    from slora import __version__
+
+    backend = ops.resolve_backend(device)
+    logging.getLogger(LOGGER).info(
+        "slora %s is on: vLLM's LoRA linear layers run on slora's grouped kernels at true "
+        "ranks (%s, backend %r on %s); SLORA_VLLM=0 gives stock vLLM",
+        __version__, wrapper, backend, device.type,
+    )  # fmt: skip
 
 
 class SloraWrapperMixin:
@@ -34,10 +54,13 @@ class SloraWrapperMixin:
         self._slora_layers: dict[int, LayerAdapters | None] = {}
         # embedding / logits LoRA layers (by id of their lora_b_stacked) -> slots holding weights
         self._slora_live: dict[int, set[int]] = {}
-        self._slora_order = torch.zeros(max_num_batched_tokens, dtype=torch.int64, device=dev)
-        self._slora_group_slot = torch.arange(slots, dtype=torch.int64, device=dev)
-        self._slora_group_start = torch.zeros(slots, dtype=torch.int64, device=dev)
-        self._slora_group_len = torch.zeros(slots, dtype=torch.int64, device=dev)
+        # ordinary tensors even when vLLM builds the wrapper in inference mode: they are also
+        # written outside it (tests, run-time adapter loads)
+        with torch.inference_mode(False):
+            self._slora_order = torch.zeros(max_num_batched_tokens, dtype=torch.int64, device=dev)
+            self._slora_group_slot = torch.arange(slots, dtype=torch.int64, device=dev)
+            self._slora_group_start = torch.zeros(slots, dtype=torch.int64, device=dev)
+            self._slora_group_len = torch.zeros(slots, dtype=torch.int64, device=dev)
 
     # -- adapters -----------------------------------------------------------------------------
 
@@ -56,17 +79,33 @@ class SloraWrapperMixin:
             supported = LayerAdapters.supports(layer)
             self._slora_layers[key] = LayerAdapters(layer) if supported else None
 
+    def _slora_store(self, layer: Any) -> LayerAdapters | None:
+        stacked = getattr(layer, "lora_a_stacked", None)
+        if isinstance(stacked, tuple) and stacked:
+            return self._slora_layers.get(id(stacked[0]))
+        return None
+
     def slora_load(self, layer: Any, slot: int, rank: int) -> None:
         """Mirror vLLM's freshly written slot ``slot`` of ``layer`` (rank ≤ ``rank``)."""
         self.slora_register(layer)
-        stacked = getattr(layer, "lora_a_stacked", None)
-        live = self._slora_live.get(id(getattr(layer, "lora_b_stacked", None)))
-        if live is not None:
-            (live.add if rank > 0 else live.discard)(slot)
-        if isinstance(stacked, tuple) and stacked:
-            store = self._slora_layers.get(id(stacked[0]))
-            if store is not None:
-                store.load(layer, slot, rank)
+        store = self._slora_store(layer)
+        if store is not None:
+            store.load(layer, slot, rank)
+
+    def slora_unload(self, layer: Any, slot: int) -> None:
+        """vLLM emptied ``slot``: drop its true-rank copy for ``layer``."""
+        store = self._slora_store(layer)
+        if store is not None:
+            store.unload(slot)
+
+    def slora_tracks_live(self, layer: Any) -> bool:
+        """Whether ``layer`` is an embedding / logits LoRA layer whose live slots decide the
+        skip (:meth:`slora_no_weights`)."""
+        return id(getattr(layer, "lora_b_stacked", None)) in self._slora_live
+
+    def slora_set_live(self, layer: Any, slots: set[int]) -> None:
+        """The slots whose adapter has weights for this embedding / logits ``layer``."""
+        self._slora_live[id(layer.lora_b_stacked)] = set(slots)
 
     def slora_storage(self, lora_a_stacked: tuple[Tensor, ...]) -> LayerAdapters | None:
         """The storage of the layer owning ``lora_a_stacked`` (None if it has none)."""
@@ -175,16 +214,59 @@ class StandaloneWrapper(SloraWrapperMixin):
         self._slora_setup(max_num_batched_tokens, device, SimpleNamespace(max_loras=max_loras))
 
 
+def gathered_lora(
+    y: Tensor, x: Tensor, lora_b_stacked: Tensor, slots: Tensor, add_inputs: bool = True,
+    lora_a_stacked: Tensor | None = None, scale: float = 1.0,
+) -> None:  # fmt: skip
+    """``y[t] (+)= B_k (s · A_k x_t)`` (or ``x_t @ B_kᵀ`` without A) for token slot ``k =
+    slots[t]``, and nothing for ``k = −1``: vLLM's CPU logits / embedding LoRA (a per-token
+    gather of the padded slot buffers), except that vLLM's indexes slot −1 as the *last* slot,
+    giving requests without an adapter that slot's adapter.  Accumulates in fp32; columns past
+    the adapter's width (vocabulary padding) are left alone."""
+    y2, x2 = y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]).float()
+    live = (slots >= 0)[:, None]
+    picked = slots.clamp(min=0)
+    if lora_a_stacked is not None:
+        A = lora_a_stacked[picked].flatten(1, -2).float()  # [T, r, d_in]
+        x2 = scale * torch.einsum("ti,tri->tr", x2, A)
+    B = lora_b_stacked[picked].flatten(1, -2).float()  # [T, d_out, r]
+    delta = torch.einsum("tr,tor->to", x2, B).masked_fill_(~live, 0.0)
+    n = min(delta.shape[1], y2.shape[1])
+    if add_inputs:
+        y2[:, :n] += delta[:, :n].to(y2.dtype)
+    else:
+        y2[:, :n] = delta[:, :n].to(y2.dtype)
+
+
 def _cpu_class() -> type:
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
     class SloraPunicaWrapperCPU(SloraWrapperMixin, PunicaWrapperCPU):
-        """vLLM's CPU wrapper with LoRA linear layers on slora's C++ op."""
+        """vLLM's CPU wrapper with LoRA linear layers on slora's C++ op, and its logits /
+        embedding LoRA with slot −1 meaning no adapter (:func:`gathered_lora`)."""
 
         def __init__(self, max_num_batched_tokens: int, max_batches: int, device: Any,
                      **kwargs: Any) -> None:  # fmt: skip
             PunicaWrapperCPU.__init__(self, max_num_batched_tokens, max_batches, device, **kwargs)
             self._slora_setup(max_num_batched_tokens, device, kwargs["lora_config"])
+            _announce(type(self).__name__, torch.device(device))
+
+        def add_lora_embedding(self, y: Tensor, x: Tensor, lora_b_stacked: Tensor,
+                               add_inputs: bool = True, **kwargs: Any) -> Any:  # fmt: skip
+            if self.slora_no_weights(lora_b_stacked):
+                return super().add_lora_embedding(y, x, lora_b_stacked, add_inputs, **kwargs)
+            gathered_lora(y, x, lora_b_stacked, self.token_lora_indices[: x.shape[0]],
+                          add_inputs)  # fmt: skip
+            return y
+
+        def add_lora_logits(self, y: Tensor, x: Tensor, lora_a_stacked: Tensor,
+                            lora_b_stacked: Tensor, scale: float, *, buffer: Any = None,
+                            **kwargs: Any) -> Any:  # fmt: skip
+            if self.slora_no_weights(lora_b_stacked):
+                return y
+            slots = self.sampler_indices
+            gathered_lora(y, x, lora_b_stacked, slots, True, lora_a_stacked, scale)
+            return y
 
     return SloraPunicaWrapperCPU
 
@@ -199,6 +281,7 @@ def _gpu_class() -> type:
                      **kwargs: Any) -> None:  # fmt: skip
             PunicaWrapperGPU.__init__(self, max_num_batched_tokens, max_batches, device, **kwargs)
             self._slora_setup(max_num_batched_tokens, device, kwargs["lora_config"])
+            _announce(type(self).__name__, torch.device(device))
 
     return SloraPunicaWrapperGPU
 

@@ -5,10 +5,17 @@ Every A[k, s] occupies ``rank`` rows of one ``[rows, d_in]`` buffer and every B�
 flat buffer — nothing is padded, a rank-0 adapter takes no memory.  Per-(slot, slice) ranks,
 offsets and scales are fixed-shape device arrays, so loading or unloading one adapter writes
 only its own rows and one metadata row, and the kernels need no host synchronisation.
+
+Two placements: packed (first fit, buffers grow when full: the most adapters per byte) and
+fixed regions (``slot_rows=R``: every (slot, slice) owns R rows at a fixed offset, allocated
+once; the buffers never move whatever is loaded, as servers that capture CUDA graphs need).
+The buffers are always ordinary tensors, made outside inference mode, so adapters load and
+unload both inside ``torch.inference_mode()`` and outside it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Sequence
@@ -77,6 +84,7 @@ class PackedAdapters:
         device: torch.device | str = "cpu",
         capacity_rows: int = 0,
         capacity_b: int = 0,
+        slot_rows: int = 0,
     ) -> None:
         outs = [int(d_out)] if isinstance(d_out, int) else [int(d) for d in d_out]
         if d_in <= 0 or not outs or any(d <= 0 for d in outs):
@@ -85,6 +93,11 @@ class PackedAdapters:
             raise ValueError(f"max_slots must be positive, got {max_slots}")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype}")
+        if slot_rows < 0 or (slot_rows and (capacity_rows or capacity_b)):
+            raise ValueError(
+                f"slot_rows must be ≥ 0 and excludes capacity_rows / capacity_b, got "
+                f"slot_rows={slot_rows}, capacity_rows={capacity_rows}, capacity_b={capacity_b}"
+            )
         self.d_in = int(d_in)
         self.slice_sizes = tuple(outs)
         self.n_slices = len(outs)
@@ -92,16 +105,21 @@ class PackedAdapters:
         self.d_out = sum(outs)
         self.max_slots = int(max_slots)
         self.dtype = dtype
-        self.A = torch.zeros(capacity_rows, self.d_in, dtype=dtype, device=device)
-        self.device = dev = self.A.device  # with its index ("cuda:0"), as x.device compares
-        self.Bt = torch.zeros(capacity_b, dtype=dtype, device=dev)
-        shape = (self.max_slots, self.n_slices)
-        self.ranks = torch.zeros(shape, dtype=torch.int32, device=dev)
-        self.a_offsets = torch.zeros(shape, dtype=torch.int32, device=dev)
-        self.b_offsets = torch.zeros(shape, dtype=torch.int64, device=dev)
-        self.scales = torch.zeros(shape, dtype=torch.float32, device=dev)
-        self.slice_d_out = torch.tensor(outs, dtype=torch.int32, device=dev)
-        self.slice_col = torch.tensor(self.col_starts, dtype=torch.int32, device=dev)
+        self.slot_rows = int(slot_rows)
+        if self.slot_rows:
+            capacity_rows = self.max_slots * self.n_slices * self.slot_rows
+            capacity_b = self.max_slots * self.slot_rows * self.d_out
+        with _mutable():
+            self.A = torch.zeros(capacity_rows, self.d_in, dtype=dtype, device=device)
+            self.device = dev = self.A.device  # with its index ("cuda:0"), as x.device compares
+            self.Bt = torch.zeros(capacity_b, dtype=dtype, device=dev)
+            shape = (self.max_slots, self.n_slices)
+            self.ranks = torch.zeros(shape, dtype=torch.int32, device=dev)
+            self.a_offsets = torch.zeros(shape, dtype=torch.int32, device=dev)
+            self.b_offsets = torch.zeros(shape, dtype=torch.int64, device=dev)
+            self.scales = torch.zeros(shape, dtype=torch.float32, device=dev)
+            self.slice_d_out = torch.tensor(outs, dtype=torch.int32, device=dev)
+            self.slice_col = torch.tensor(self.col_starts, dtype=torch.int32, device=dev)
         self._a_free = _FreeList(capacity_rows)
         self._b_free = _FreeList(capacity_b)
         # host mirror: slot -> [(rank, a_off, b_off, scale) per slice]
@@ -200,23 +218,27 @@ class PackedAdapters:
                 raise ValueError(
                     f"slot {slot} slice {s}: scale must be a finite number, got {scale!r}"
                 )
+            if self.slot_rows and A.shape[0] > self.slot_rows:
+                raise ValueError(
+                    f"slot {slot} slice {s}: rank {A.shape[0]} exceeds the {self.slot_rows} "
+                    "rows reserved per slot (slot_rows)"
+                )
             checked.append((A, B, float(scale)))
         self.unload(slot)
         host = []
-        for s, trip in enumerate(checked):
-            if trip is None or trip[0].shape[0] == 0:
-                host.append((0, 0, 0, 0.0))
-                continue
-            A, B, scale = trip
-            r, d_s = A.shape[0], self.slice_sizes[s]
-            a_off = self._alloc("A", r)
-            b_off = self._alloc("Bt", r * d_s)
-            with torch.no_grad():
+        with _mutable():
+            for s, trip in enumerate(checked):
+                if trip is None or trip[0].shape[0] == 0:
+                    host.append((0, 0, 0, 0.0))
+                    continue
+                A, B, scale = trip
+                r, d_s = A.shape[0], self.slice_sizes[s]
+                a_off, b_off = self._place(slot, s, r)
                 self.A[a_off : a_off + r].copy_(A)
                 self.Bt[b_off : b_off + r * d_s].view(r, d_s).copy_(B.t())
-            host.append((r, a_off, b_off, scale))
-        self._host[slot] = host
-        self._write_meta(slot, host)
+                host.append((r, a_off, b_off, scale))
+            self._host[slot] = host
+            self._write_meta(slot, host)
         self._max_rank = max(self._max_rank, *(h[0] for h in host))
 
     def unload(self, slot: int) -> None:
@@ -226,12 +248,21 @@ class PackedAdapters:
         if host is None:
             return
         for s, (r, a_off, b_off, _) in enumerate(host):
-            if r:
+            if r and not self.slot_rows:
                 self._a_free.release(a_off, r)
                 self._b_free.release(b_off, r * self.slice_sizes[s])
-        self._write_meta(slot, [(0, 0, 0, 0.0)] * self.n_slices)
+        with _mutable():
+            self._write_meta(slot, [(0, 0, 0, 0.0)] * self.n_slices)
         loaded = [r for h in self._host.values() for r, *_ in h]
         self._max_rank = max([self._rank_floor, *loaded])
+
+    def _place(self, slot: int, s: int, r: int) -> tuple[int, int]:
+        """Row of A and element of Bᵀ for ``r`` rank components of (``slot``, slice ``s``)."""
+        if self.slot_rows:  # fixed regions: slot-major, slices side by side
+            a_off = (slot * self.n_slices + s) * self.slot_rows
+            b_off = self.slot_rows * (slot * self.d_out + self.col_starts[s])
+            return a_off, b_off
+        return self._alloc("A", r), self._alloc("Bt", r * self.slice_sizes[s])
 
     def _alloc(self, which: str, n: int) -> int:
         free = self._a_free if which == "A" else self._b_free
@@ -367,6 +398,17 @@ class KernelWeights(NamedTuple):
     @property
     def col_starts(self) -> list[int]:
         return list(itertools.accumulate(self.slice_sizes[:-1], initial=0))
+
+
+def _mutable() -> Any:
+    """Context for making and writing the buffers: ordinary tensors, no autograd history.
+    Inside ``torch.inference_mode()`` new tensors would be inference tensors, which cannot be
+    written outside it (a server loads adapters from both sides: warm-up runs in inference
+    mode, a run-time load request does not)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.no_grad())
+    return stack
 
 
 def _slices_of(adapter: Any) -> list[SliceAdapter] | None:
