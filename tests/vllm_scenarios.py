@@ -2,7 +2,8 @@
 in the main test environment).  Each command prints one JSON line:
 
     python tests/vllm_scenarios.py prepare DIR [all] # tiny Llama, adapters, PEFT reference
-    python tests/vllm_scenarios.py engine DIR DTYPE # one vLLM engine (SLORA_VLLM decides)
+    python tests/vllm_scenarios.py engine DIR DTYPE [TP] # one vLLM engine (SLORA_VLLM decides;
+                                                          # TP: tensor-parallel workers)
 
 ``prepare`` saves a small random Llama and five adapters of different ranks in ``DIR``:
 PEFT adapters with ``rank_pattern`` / ``alpha_pattern`` and with rsLoRA, one saved by
@@ -151,7 +152,7 @@ def _hf_greedy(model, prompt: list[int]) -> dict:
     return {"tokens": tokens, "logprobs": logprobs}
 
 
-def engine(root: Path, dtype: str) -> dict:
+def engine(root: Path, dtype: str, tensor_parallel: int = 1) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
@@ -160,6 +161,7 @@ def engine(root: Path, dtype: str) -> dict:
     requests = {n: LoRARequest(n, i + 1, str(root / n)) for i, n in enumerate(names)}
     llm = LLM(
         model=str(root / "model"),
+        tensor_parallel_size=tensor_parallel,
         dtype=dtype,
         enable_lora=True,
         max_loras=2,
@@ -281,7 +283,7 @@ def main(argv: list[str]) -> None:
     if command == "prepare":
         result = prepare(root, all_pairs=argv[2:] == ["all"])
     elif command == "engine":
-        result = engine(root, argv[2])
+        result = engine(root, argv[2], int(argv[3]) if len(argv) > 3 else 1)
     else:
         raise SystemExit(f"unknown command {command!r}: expected prepare or engine")
     print("SLORA_RESULT " + json.dumps(result), flush=True)

@@ -185,8 +185,17 @@ class _Calibration:
 
 
 def _device_of(module: nn.Module) -> torch.device:
-    param = next(module.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
+    """Where the model computes: its first parameter's device, or, when its weights are
+    offloaded (accelerate leaves them on the meta device and brings them in per layer), the
+    execution device of accelerate's hooks."""
+    for param in module.parameters():
+        if param.device.type != "meta":
+            return param.device
+    for sub in module.modules():
+        device = getattr(getattr(sub, "_hf_hook", None), "execution_device", None)
+        if device is not None:
+            return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+    return torch.device("cpu")
 
 
 def _progress(iterable: Iterable, total: int | None, enabled: bool, desc: str):

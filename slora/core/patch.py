@@ -22,6 +22,7 @@ from slora.core import quantized
 from slora.core.allocation import RankPlan, allocate
 from slora.core.analysis import analyze
 from slora.core.checks import finite_number
+from slora.core.dist import sharded_parameters
 from slora.core.layer import LoraLinear
 from slora.core.layer import group_shared_inputs as make_lora_groups
 from slora.core.targets import foreign_lora_modules, is_linear_like, linear_dims, tied_weights
@@ -76,6 +77,14 @@ def check_patchable(model: nn.Module) -> None:
         raise ValueError("this model is already patched by slora; call slora.unpatch first")
     if getattr(model, "_slora_pool", None) is not None:
         raise ValueError("this model serves an AdapterPool; call the pool's close() first")
+    sharded = sharded_parameters(model)
+    if sharded:
+        raise ValueError(
+            f"the model's parameters are already sharded (DTensor, e.g. {sharded[0]!r}: FSDP2's "
+            "fully_shard or tensor parallelism); new LoRA parameters would not be sharded nor "
+            "their gradients reduced. Call slora.patch on the unsharded model, then fully_shard "
+            "(docs/distributed.md)"
+        )
     foreign = foreign_lora_modules(model)
     if foreign or hasattr(model, "peft_config"):
         raise ValueError(

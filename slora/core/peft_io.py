@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from slora.core.checks import finite_number, read_json, whole_number
+from slora.core.dist import full_tensor, sharded_parameters, wait_for_writer, writes_files
 from slora.core.patch import apply_plan, get_state, lora_layers, plan_for_ranks
 from slora.core.quantized import unsupported_message
 from slora.core.targets import is_linear_like, linear_dims
@@ -41,7 +42,9 @@ def save_adapter(model: nn.Module, out_dir: str | Path, *, fold_scale: bool = Tr
     """Write the patched model's adapters (and ``modules_to_save``) in the PEFT format.
 
     ``fold_scale=False`` keeps B unscaled and writes the scales as ``alpha_pattern`` instead
-    (PEFT reproduces it; servers that read only the global alpha do not).
+    (PEFT reproduces it; servers that read only the global alpha do not).  A model sharded by
+    FSDP2 (DTensor parameters) is gathered: call this on every process; global rank 0 writes
+    one complete adapter and every process returns once it is written.
     """
     from safetensors.torch import save_file
 
@@ -49,23 +52,24 @@ def save_adapter(model: nn.Module, out_dir: str | Path, *, fold_scale: bool = Tr
     layers = lora_layers(model)
     if state.merged:
         raise ValueError("the adapters are merged into the base weights; save before slora.merge")
+    sharded = bool(sharded_parameters(model))
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     ranks, alphas = {}, {}
-    for name, layer in layers.items():
-        b = layer.lora_B.weight.detach()
+    for name, layer in layers.items():  # the same order on every process: gathers pair up
+        a = full_tensor(layer.lora_A.weight.detach())
+        b = full_tensor(layer.lora_B.weight.detach())
         if fold_scale:
             b = b * layer.scale
             alphas[name] = float(layer.rank)
         else:
             alphas[name] = layer.scale * (math.sqrt(layer.rank) if state.use_rslora else layer.rank)
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().contiguous()
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = a.contiguous()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = b.contiguous()
         ranks[name] = layer.rank
     for name in state.modules_to_save:
         for key, value in model.get_submodule(name).state_dict().items():
-            tensors[f"{PREFIX}{name}.{key}"] = value.detach().contiguous()
+            tensors[f"{PREFIX}{name}.{key}"] = full_tensor(value.detach()).contiguous()
     r = max(ranks.values())
     config = {
         "peft_type": "LORA",
@@ -85,8 +89,11 @@ def save_adapter(model: nn.Module, out_dir: str | Path, *, fold_scale: bool = Tr
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    if writes_files(sharded):
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+        (out / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    wait_for_writer(sharded)
     return out
 
 
