@@ -91,3 +91,20 @@ def test_cache_dirs_differ_per_torch_install(monkeypatch, tmp_path):
     monkeypatch.setattr(_native.torch, "__file__", str(tmp_path / "venv" / "torch" / "__init__.py"))
     there = _native.cache_dir("x")
     assert here != there and here.parent.name.startswith("torch-") and here.name == "x"
+
+
+def test_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
+    """A build killed mid-way leaves torch's lock file, and every later process would wait on
+    it forever: one older than any build is removed, a recent one (a build running now) kept."""
+    import os
+    import time
+
+    from slora.kernels import _native
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    assert not _native.clear_stale_lock(tmp_path) and lock.exists()
+    old = time.time() - _native.STALE_LOCK_SECONDS - 5
+    os.utime(lock, (old, old))
+    assert _native.clear_stale_lock(tmp_path) and not lock.exists()
+    assert not _native.clear_stale_lock(tmp_path)  # nothing to remove

@@ -107,6 +107,29 @@ def _needs_build(build_dir: Path, name: str, sources: list[str]) -> bool:
     return stamp.read_text() != _stamp(sources)
 
 
+STALE_LOCK_SECONDS = 600  # a build takes 1-2 minutes on two cores; a lock this old is orphaned
+
+
+def clear_stale_lock(build_dir: Path) -> bool:
+    """Remove torch's build lock (``build_dir/lock``) when it is older than any build takes.
+
+    torch's JIT build holds that file while it compiles and removes it when done; a build
+    that was killed (Ctrl-C, a timeout, an OOM kill) leaves it, and every later process then
+    waits on it forever.  Returns whether a lock was removed."""
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < STALE_LOCK_SECONDS:
+        return False
+    _announce(
+        f"removing a build lock left {age / 60:.0f} minutes ago by an unfinished build ({lock})"
+    )
+    lock.unlink(missing_ok=True)
+    return True
+
+
 def _announce(message: str) -> None:
     """One line on stderr, kept clear of any progress bar being drawn there."""
     from tqdm import tqdm
@@ -155,6 +178,7 @@ def extension() -> ModuleType | None:
             kwargs["extra_cuda_cflags"] = ["-O3", *defines]
         paths = [str(csrc_dir() / s) for s in sources]
         build_dir = cache_dir(name)
+        clear_stale_lock(build_dir)
         building = _needs_build(build_dir, name, paths)
         if building:
             _announce(

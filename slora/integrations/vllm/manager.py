@@ -25,8 +25,15 @@ def _slora_wrapper(module: Any) -> SloraWrapperMixin | None:
 
 
 def _layer_weights(manager: Any, lora_id: int | None, name: str) -> Any:
-    """vLLM's weights of adapter ``lora_id`` for module ``name`` (None if it has none)."""
-    lora_model = None if lora_id is None else manager._registered_adapters.get(lora_id)
+    """vLLM's weights of adapter ``lora_id`` for module ``name`` (None if it has none).
+
+    Read through the cache's read-only view: a plain lookup in vLLM's LRU cache of adapters
+    counts as a use and would change which adapter vLLM evicts next (an adapter that the
+    running batch still needs, then missing from the slots)."""
+    if lora_id is None:
+        return None
+    registered = manager._registered_adapters
+    lora_model = getattr(registered, "cache", registered).get(lora_id)
     return None if lora_model is None else manager._get_lora_layer_weights(lora_model, name)
 
 
