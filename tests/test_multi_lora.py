@@ -435,24 +435,9 @@ def test_native_token_meta_equals_the_torch_one(monkeypatch, T):
             ml.build_token_meta(torch.tensor([0, bad, 1]), max_slots=6)
 
 
-def test_vllm_mapping_converter():
-    mapping = torch.tensor([1, -1, 0, 1, 1])
-    meta = ml.from_vllm(mapping, max_slots=2)
-    assert meta.group_len.tolist() == [1, 3]
-    adapters = make_adapters([(3,), (5,)], 8, [4])
-    packed = PackedAdapters.from_list(adapters)
-    x = torch.randn(5, 8)
-    out = torch.zeros(5, 4)
-    ml.multi_lora_torch(x, packed.weights(), meta, out)
-    assert_close(out, reference(x, mapping, adapters, [4]), torch.float32)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_sglang_converter(backend):
-    indptr, weight_indices = torch.tensor([0, 3, 4, 8]), torch.tensor([1, 0, 2])
-    lora_ranks = torch.tensor([0, 6, 2])  # SGLang's slot 0 is the base model (rank 0)
-    seg_indptr, seg_slots = ml.from_sglang(indptr, weight_indices, lora_ranks)
-    assert seg_slots.tolist() == [1, -1, 2]
+def test_segment_form_with_a_skipped_segment(backend):
+    seg_indptr, seg_slots = torch.tensor([0, 3, 4, 8]), torch.tensor([1, -1, 2])
     adapters = make_adapters([(1,), (6,), (2,)], 9, [5])
     packed = PackedAdapters.from_list(adapters)
     x = torch.randn(8, 9)
