@@ -13,7 +13,7 @@ import torch
 
 from slora import ops
 from slora.kernels import multi_lora as ml
-from slora.kernels.multi_lora.backends import forward_kernel
+from slora.kernels.multi_lora.library import forward_kernel
 from slora.ops import PackedAdapters, multi_lora
 
 

@@ -63,7 +63,9 @@ def _resolve(device_type: str, backend: str | None) -> str:
         if requested == "cpp" and device_type != "cpu":
             raise RuntimeError(f"backend 'cpp' runs on the CPU only, got a {device_type} tensor")
         if requested == "cpp" and not native_usable():
-            raise RuntimeError("backend 'cpp' requested but the native ops could not be built")
+            from slora.kernels._native import UNAVAILABLE
+
+            raise RuntimeError(UNAVAILABLE)
         return requested
     if device_type == "cuda" and triton_usable("cuda"):
         return "triton"

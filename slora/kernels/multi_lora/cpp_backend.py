@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from slora.kernels._native import extension
 from slora.kernels.multi_lora.meta import LoRAMeta
 from slora.kernels.multi_lora.packed import KernelWeights
+from slora.kernels.registry import native
 
 
 def native_args(
@@ -26,8 +26,5 @@ def multi_lora_cpp(
 ) -> Tensor:
     """``out += delta`` (``out = delta`` with ``overwrite``, so a fresh ``out`` needs no
     zeroing)."""
-    ext = extension()
-    if ext is None:
-        raise RuntimeError("backend 'cpp' requested but the native ops could not be built")
-    ext.multi_lora(*native_args(x, w, meta, out, overwrite))
+    native().multi_lora(*native_args(x, w, meta, out, overwrite))
     return out

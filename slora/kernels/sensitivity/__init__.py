@@ -11,6 +11,3 @@ One concern per module (semantics and how to add a backend: docs/kernels.md):
 """
 
 from slora.kernels.sensitivity import library  # noqa: F401 - registers the ops
-from slora.kernels.sensitivity.library import kernel
-
-__all__ = ["kernel"]
