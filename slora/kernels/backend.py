@@ -1,5 +1,6 @@
 """Which backend runs an op: ``triton`` (CUDA, or the CPU under ``TRITON_INTERPRET=1``),
-``cpp`` (the native CPU ops built from ``csrc/``) or ``torch`` (the plain PyTorch reference).
+``cpp`` (the native CPU ops built from ``csrc/``) or ``torch`` (plain PyTorch: the families'
+``torch_backend.py``).
 
 Chosen, in order, by the op's ``backend`` argument, the ``SLORA_BACKEND`` environment variable
 (read when slora is imported), and the device (Triton on CUDA, the C++ ops on the CPU when they

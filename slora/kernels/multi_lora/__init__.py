@@ -8,10 +8,10 @@ One concern per module (the contract, layouts and how to add a backend: docs/ker
 
 - ``packed``: :class:`PackedAdapters` (adapters at their true ranks) and its free lists;
 - ``meta``: :class:`LoRAMeta`, the metadata builders and checks;
-- ``reference``: the PyTorch implementation every backend is tested against;
+- ``torch_backend``: the plain PyTorch backend (and the backward of every backend);
 - ``triton_utils`` / ``triton_shrink`` / ``triton_expand`` / ``triton_backend``: the Triton
   kernels; ``cpp_backend``: the C++ kernel of ``csrc/multi_lora_cpu.cpp``;
-- ``backends``: the kernels by backend name; ``library``: the ``torch.library`` ops
+- ``library``: the kernels by backend name and the ``torch.library`` ops
   (``slora::multi_lora``, ``slora::multi_lora_add``, ``slora::multi_lora_backward``) with
   fake implementations and autograd; ``slices``: the training op ``slora::lora_slices``.
 """

@@ -124,7 +124,7 @@ register_op("lora_slices", _lora_slices, _lora_slices_fake, autograd=(_backward,
 def lora_slices_torch(
     x: Tensor, As: Sequence[Tensor], Bs: Sequence[Tensor], scales: Sequence[float]
 ) -> Tensor:
-    """Plain PyTorch reference of ``slora::lora_slices``'s ``y``: one shrink and one expand
+    """Plain PyTorch version of ``slora::lora_slices``'s ``y``: one shrink and one expand
     per slice, fp32 math, differentiable by autograd."""
     parts = [s * (_f32(x) @ _f32(a).t()) @ _f32(b).t() for a, b, s in zip(As, Bs, scales)]
     return torch.cat(parts, dim=-1).to(x.dtype)
