@@ -98,6 +98,16 @@ def _run_stats(backend, x, mask, **launch):
     }
 
 
+def test_fp32_tolerance_catches_squares_taken_in_bf16():
+    # The check must be able to fail: squaring bf16 inputs in bf16 (rounding each square to 8
+    # significant bits) is off by ~1e-3 relative; upcasting first is exact to fp32 rounding.
+    x = _data(64, 33, torch.bfloat16)
+    want = _ref_sq(x, None).sum(0)
+    with pytest.raises(AssertionError):
+        _close(x.square().float().sum(0), want, "squared in bf16")
+    _close(x.float().square().sum(0), want, "squared in fp32")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens,features,mask_kind", SHAPES)
