@@ -179,3 +179,19 @@ def test_gradcheck_float64_torch_path():
     assert torch.autograd.gradcheck(
         lambda x, A, Bt: torch.ops.slora.multi_lora(x, A, Bt, *args, "torch"), (x, A, Bt)
     )
+
+
+def test_second_derivatives_are_refused_naming_the_op(problem):
+    """The backward ops have no gradient formula: differentiating through them is an error
+    that names the op, never a silently missing term."""
+    _, packed, x, slots = problem
+    x = x.clone().requires_grad_()
+    y = ops.multi_lora(x, slots, packed, backend="torch")
+    (gx,) = torch.autograd.grad((y**2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="slora::multi_lora_backward has no gradient formula"):
+        gx.sum().backward()
+    As = [torch.randn(3, 16, requires_grad=True)]
+    ys = torch.ops.slora.lora_slices(x, As, [torch.randn(5, 3)], [1.0])
+    (gA,) = torch.autograd.grad((ys[0] ** 2).sum(), As[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="slora::lora_slices_backward has no gradient formula"):
+        gA.sum().backward()

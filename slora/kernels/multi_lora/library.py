@@ -108,8 +108,8 @@ def _multi_lora(
     return kernel("multi_lora", x.device, backend)(x, w, meta, out, overwrite=True)
 
 
-# The fakes take the ops' arguments positionally: x (or grad, x), then the weights, where
-# slice_sizes is the 10th argument of x's.
+# The fakes take the arguments after x (after grad, x, A, Bt for the backward) as ``args``, in
+# schema order: args[8] is slice_sizes, the backward's args[-1] is needs.
 
 
 def _multi_lora_fake(x, *args):  # noqa: ANN001
