@@ -7,6 +7,7 @@ slora.save_adapter(model, "adapter/")            # PEFT format
 """
 
 from slora import ops
+from slora._version import __version__
 from slora.core.allocation import RankPlan, allocate
 from slora.core.analysis import analyze
 from slora.core.patch import merge, patch, unpatch
@@ -14,7 +15,6 @@ from slora.core.peft_io import load_adapter, save_adapter
 from slora.core.pool import AdapterPool
 from slora.core.report import SensitivityReport
 
-__version__ = "0.1.0"
 __all__ = [
     "AdapterPool",
     "RankPlan",

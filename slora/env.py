@@ -83,12 +83,12 @@ def _backends() -> list[tuple[str, str]]:
     """Per op and device: the resolved backend and the function that will run."""
     import torch
 
+    import slora.ops  # noqa: F401 - registers every op's backends
+    from slora.kernels import registry
     from slora.kernels.backend import resolve_backend
-    from slora.kernels.multi_lora import backends as multi_lora
-    from slora.kernels.sensitivity import library as sensitivity
 
-    kernels = {op: functools.partial(sensitivity.kernel, op) for op in SENSITIVITY_OPS}
-    kernels["multi_lora"] = multi_lora.forward_kernel
+    names = (*SENSITIVITY_OPS, "multi_lora")
+    kernels = {op: functools.partial(registry.kernel, op) for op in names}
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []
     for op, kernel in kernels.items():

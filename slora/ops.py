@@ -2,7 +2,7 @@
 
 Every op has implementations per backend — ``triton`` (CUDA, or the CPU under
 ``TRITON_INTERPRET=1``), ``cpp`` (the native CPU ops built from ``csrc/``) and ``torch`` (the
-plain PyTorch reference).  The backend is chosen, in order, by the ``backend=`` argument, the
+plain PyTorch backend).  The backend is chosen, in order, by the ``backend=`` argument, the
 ``SLORA_BACKEND`` environment variable, and the device (Triton on CUDA, the C++ op on the CPU
 when it builds, else PyTorch); see ``slora.kernels.backend``.  The ops, their schemas and the
 kernel contract are described in docs/kernels.md.
@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 # --------------------------------------------------------------------------------------------
-# Sensitivity statistics: slora/kernels/sensitivity/ (semantics in its reference.py).
+# Sensitivity statistics: slora/kernels/sensitivity/ (semantics in docs/kernels.md).
 
 
 def accumulate_input_stats(

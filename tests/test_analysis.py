@@ -3,8 +3,8 @@
 import copy
 import warnings
 
+import oracles
 import pytest
-import reference
 import torch
 from tiny_models import MODELS, batches
 
@@ -46,8 +46,8 @@ def reference_report(model, data, estimator, names):
     for n in names:
         x = torch.cat(xs[n])
         dy = torch.cat(dys[n]) if dys[n] else torch.zeros(x.shape[0], 1)
-        per[n] = reference.metrics(estimator, x, dy)
-    return per, reference.combine(per)
+        per[n] = oracles.metrics(estimator, x, dy)
+    return per, oracles.combine(per)
 
 
 @pytest.mark.parametrize("kind", ["bert", "llama", "gpt2"])

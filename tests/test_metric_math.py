@@ -1,10 +1,11 @@
 """Exact top-k sums and cumulative-share counts from rank-1 factors (slora/core/metric_math.py)
-against dense float64 references."""
+against the dense float64 oracles of tests/oracles.py (numpy, independent of the module)."""
 
 from __future__ import annotations
 
 import math
 
+import oracles
 import pytest
 import torch
 
@@ -39,7 +40,7 @@ def test_topk_from_factors_matches_dense(case):
     for k in sorted({1, 2, m // 3, math.ceil(m / 2), m - 1, m}):
         if k < 1:
             continue
-        want = sm.dense_topk_sum(dense, k)
+        want = oracles.topk_sum(dense, k)
         got = sm.outer_topk_sum(u, v, k)
         assert got == pytest.approx(want, rel=1e-12, abs=1e-300), (case, k)
 
@@ -49,7 +50,7 @@ def test_share_count_from_factors_matches_dense(case):
     u, v = _factor_cases()[case]
     dense = _dense(u, v)
     for alpha in (1e-9, 0.1, 0.5, 0.85, 0.999):
-        assert sm.outer_share_count(u, v, alpha) == sm.dense_share_count(dense, alpha), (
+        assert sm.outer_share_count(u, v, alpha) == oracles.share_count(dense, alpha), (
             case,
             alpha,
         )
@@ -60,20 +61,20 @@ def test_share_count_alpha_one_counts_every_positive_entry():
     # cumulative sum, so this case is answered exactly rather than numerically).
     u, v = torch.tensor([1.0, 1e-9, 0.0, 0.5]), torch.tensor([1e-12, 2.0, 0.0, 3.0])
     assert sm.outer_share_count(u, v, 1.0) == 9
-    assert sm.dense_share_count(_dense(u, v), 1.0) == 9
+    assert oracles.share_count(_dense(u, v), 1.0) == 9
     assert sm.outer_metrics_many([(u, v)], [1], 1.0, vectorised=True)[1] == [9]
 
 
 def test_share_count_alpha_one_on_exact_integers():
     # Integer entries: every partial sum is exact, so α = 1 has one right answer.
     u, v = torch.tensor([0.0, 1.0, 3.0, 2.0]), torch.tensor([2.0, 0.0, 1.0])
-    assert sm.outer_share_count(u, v, 1.0) == sm.dense_share_count(_dense(u, v), 1.0) == 6
+    assert sm.outer_share_count(u, v, 1.0) == oracles.share_count(_dense(u, v), 1.0) == 6
 
 
 def test_metrics_all_zero_factors():
     u, v = torch.zeros(3), torch.rand(4)
-    assert sm.outer_topk_sum(u, v, 2) == 0.0 == sm.dense_topk_sum(_dense(u, v), 2)
-    assert sm.outer_share_count(u, v, 0.85) == 0 == sm.dense_share_count(_dense(u, v), 0.85)
+    assert sm.outer_topk_sum(u, v, 2) == 0.0 == oracles.topk_sum(_dense(u, v), 2)
+    assert sm.outer_share_count(u, v, 0.85) == 0 == oracles.share_count(_dense(u, v), 0.85)
 
 
 def test_metrics_reject_negative_or_nan_factors():
@@ -101,9 +102,9 @@ def test_metrics_large_match_dense(case):
     m = dense.numel()
     assert m > sm._BAND_ENUMERATE
     for k in (1, m // 7, math.ceil(m / 2), m - 1):
-        assert sm.outer_topk_sum(u, v, k) == pytest.approx(sm.dense_topk_sum(dense, k), rel=1e-12)
+        assert sm.outer_topk_sum(u, v, k) == pytest.approx(oracles.topk_sum(dense, k), rel=1e-12)
     for alpha in (0.3, 0.85, 0.99):
-        assert sm.outer_share_count(u, v, alpha) == sm.dense_share_count(dense, alpha)
+        assert sm.outer_share_count(u, v, alpha) == oracles.share_count(dense, alpha)
 
 
 @pytest.mark.parametrize("vectorised", [True, False])
@@ -115,8 +116,8 @@ def test_batched_metrics_match_dense_and_scalar(vectorised):
         tops, counts = sm.outer_metrics_many(factors, ks, alpha, vectorised=vectorised)
         for (u, v), k, top, count in zip(factors, ks, tops, counts):
             dense = _dense(u, v)
-            assert top == pytest.approx(sm.dense_topk_sum(dense, k), rel=1e-12, abs=1e-300)
-            assert count == sm.dense_share_count(dense, alpha)
+            assert top == pytest.approx(oracles.topk_sum(dense, k), rel=1e-12, abs=1e-300)
+            assert count == oracles.share_count(dense, alpha)
             assert count == sm.outer_share_count(u, v, alpha)
     assert sm.outer_metrics_many([], [], 0.85) == ([], [])
     with pytest.raises(ValueError, match="ks has"):
@@ -131,5 +132,5 @@ def test_vectorised_metrics_on_device():
     tops, counts = sm.outer_metrics_many(factors, ks, 0.85)
     for (u, v), k, top, count in zip(factors, ks, tops, counts):
         dense = _dense(u, v)
-        assert top == pytest.approx(sm.dense_topk_sum(dense, k), rel=1e-12, abs=1e-300)
-        assert count == sm.dense_share_count(dense, 0.85)
+        assert top == pytest.approx(oracles.topk_sum(dense, k), rel=1e-12, abs=1e-300)
+        assert count == oracles.share_count(dense, 0.85)

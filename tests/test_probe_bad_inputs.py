@@ -8,19 +8,20 @@ kernels, tried as a new user would.  Every case is classified:
 * ``silent``: accepted although it is wrong (no error at all);
 * ``half-modified``: refused, but the model or pool was changed on the way.
 
-Run ``python3 -m pytest -q -s tests/test_probe_bad_inputs.py`` (or ``python3
-tests/test_probe_bad_inputs.py``) to print the counts and every case that is not clear.
+Each case is its own test, asserting the class it must get (``expect``, ``clear`` unless
+the case says otherwise).  ``python3 tests/test_probe_bad_inputs.py`` prints the counts and
+every case that is not clear.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import json
 import math
 import re
 import shutil
-import sys
 import tempfile
 from collections import Counter
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from toy import Toy, ids, plan, randomize_lora, same_tensor, snapshot
 
@@ -56,6 +58,7 @@ class Case:
     run: Callable[[], Any]  # the bad call
     words: tuple[str, ...]  # a clear message names these (case-insensitive)
     subject: Callable[[], Any] | None = None  # what must be unchanged afterwards
+    expect: str = "clear"  # the class this case must get (see the module docstring)
 
 
 def _state(obj: Any) -> Any:
@@ -979,14 +982,29 @@ def report(counts: Counter, results: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
-def test_probe_bad_inputs():
-    counts, results = run_probe()
-    print("\n" + report(counts, results))
-    assert sum(counts.values()) >= 150
-    assert counts["silent"] == 0 and counts["half-modified"] == 0, report(counts, results)
-    assert counts["unclear"] <= 5, report(counts, results)
+_WORKSPACE: list[Workspace] = []
+
+
+def _cases() -> list[Case]:
+    """Every case, built at collection time on one workspace removed when the process ends."""
+    ws = Workspace()
+    atexit.register(ws.close)
+    _WORKSPACE.append(ws)
+    return all_cases(ws)
+
+
+CASES = _cases()
+
+
+def test_probe_covers_every_area():
+    assert len(CASES) >= 250
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input(case: Case):
+    kind, message = classify(case)
+    assert kind == case.expect, f"{case.name}: {kind}, expected {case.expect} ({message})"
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).parent))
     print(report(*run_probe()))

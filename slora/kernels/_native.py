@@ -51,6 +51,8 @@ FAMILIES: dict[str, NativeSources] = {
     "sensitivity": NativeSources(cpu=("sensitivity_cpu.cpp",)),
 }
 
+# What a call that needs the native ops says when they could not be built (the one place).
+UNAVAILABLE = "backend 'cpp' requested but the native ops could not be built (`slora env` says why)"
 _warned = False
 # extension name -> "cached (dir)", "built now in N s (dir)", "disabled (...)" or "failed: ..."
 status: dict[str, str] = {}

@@ -1,5 +1,6 @@
 """Which backend runs an op: ``triton`` (CUDA, or the CPU under ``TRITON_INTERPRET=1``),
-``cpp`` (the native CPU ops built from ``csrc/``) or ``torch`` (the plain PyTorch reference).
+``cpp`` (the native CPU ops built from ``csrc/``) or ``torch`` (plain PyTorch: the families'
+``torch_backend.py``).
 
 Chosen, in order, by the op's ``backend`` argument, the ``SLORA_BACKEND`` environment variable
 (read when slora is imported), and the device (Triton on CUDA, the C++ ops on the CPU when they
@@ -63,7 +64,9 @@ def _resolve(device_type: str, backend: str | None) -> str:
         if requested == "cpp" and device_type != "cpu":
             raise RuntimeError(f"backend 'cpp' runs on the CPU only, got a {device_type} tensor")
         if requested == "cpp" and not native_usable():
-            raise RuntimeError("backend 'cpp' requested but the native ops could not be built")
+            from slora.kernels._native import UNAVAILABLE
+
+            raise RuntimeError(UNAVAILABLE)
         return requested
     if device_type == "cuda" and triton_usable("cuda"):
         return "triton"

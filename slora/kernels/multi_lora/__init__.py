@@ -7,11 +7,11 @@ For tokens t, adapter slots k with ranks r ≥ 0 and a slot per token (−1 = no
 One concern per module (the contract, layouts and how to add a backend: docs/kernels.md):
 
 - ``packed``: :class:`PackedAdapters` (adapters at their true ranks) and its free lists;
-- ``meta``: :class:`LoRAMeta`, the metadata builders, vLLM / SGLang converters, checks;
-- ``reference``: the PyTorch implementation every backend is tested against;
+- ``meta``: :class:`LoRAMeta`, the metadata builders and checks;
+- ``torch_backend``: the plain PyTorch backend (and the backward of every backend);
 - ``triton_utils`` / ``triton_shrink`` / ``triton_expand`` / ``triton_backend``: the Triton
   kernels; ``cpp_backend``: the C++ kernel of ``csrc/multi_lora_cpu.cpp``;
-- ``backends``: the kernels by backend name; ``library``: the ``torch.library`` ops
+- ``library``: the kernels by backend name and the ``torch.library`` ops
   (``slora::multi_lora``, ``slora::multi_lora_add``, ``slora::multi_lora_backward``) with
   fake implementations and autograd; ``slices``: the training op ``slora::lora_slices``.
 """
@@ -22,12 +22,10 @@ from slora.kernels.multi_lora.meta import (
     build_segment_meta,
     build_token_meta,
     check_and_build_meta,
-    from_sglang,
-    from_vllm,
 )
 from slora.kernels.multi_lora.packed import KernelWeights, PackedAdapters, SliceAdapter, pack_slices
-from slora.kernels.multi_lora.reference import multi_lora_backward_torch, multi_lora_torch
 from slora.kernels.multi_lora.slices import check_slices, lora_slices_torch
+from slora.kernels.multi_lora.torch_backend import multi_lora_backward_torch, multi_lora_torch
 
 __all__ = [
     "KernelWeights",
@@ -38,8 +36,6 @@ __all__ = [
     "build_token_meta",
     "check_and_build_meta",
     "check_slices",
-    "from_sglang",
-    "from_vllm",
     "lora_slices_torch",
     "multi_lora_backward_torch",
     "multi_lora_torch",

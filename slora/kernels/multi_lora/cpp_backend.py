@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from slora.kernels._native import extension
+from slora.kernels._native import UNAVAILABLE, extension
 from slora.kernels.multi_lora.meta import LoRAMeta
 from slora.kernels.multi_lora.packed import KernelWeights
 
@@ -26,8 +26,8 @@ def multi_lora_cpp(
 ) -> Tensor:
     """``out += delta`` (``out = delta`` with ``overwrite``, so a fresh ``out`` needs no
     zeroing)."""
-    ext = extension()
+    ext = extension()  # registry.native() inlined: one Python frame less on the decode path
     if ext is None:
-        raise RuntimeError("backend 'cpp' requested but the native ops could not be built")
+        raise RuntimeError(UNAVAILABLE)
     ext.multi_lora(*native_args(x, w, meta, out, overwrite))
     return out

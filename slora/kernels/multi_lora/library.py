@@ -11,18 +11,42 @@ ops"):
 ``<weights>`` is ``A, Bt, ranks, a_offsets, b_offsets, scales, slice_d_out, slice_col,
 slice_sizes, max_rank`` (a :class:`KernelWeights`) and ``<meta>`` is ``order, group_slot,
 group_start, group_len`` (a :class:`LoRAMeta`).  ``backend`` ('' = default) names the kernel:
-the op resolves it when it runs (``slora.kernels.multi_lora.backends``), so the choice never
-enters a traced graph.
+the op resolves it when it runs (``slora.kernels.registry.kernel``), so the choice never
+enters a traced graph.  Every forward kernel has the signature
+``fn(x, w: KernelWeights, meta: LoRAMeta, out, overwrite=False) -> out``: ``out += delta``
+(``out = delta`` with ``overwrite``), fp32 accumulation.  Adding a backend: docs/kernels.md.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
-from slora.kernels.multi_lora.backends import backward_kernel, forward_kernel
 from slora.kernels.multi_lora.meta import LoRAMeta
 from slora.kernels.multi_lora.packed import KernelWeights
+from slora.kernels.registry import NOT_DIFFERENTIABLE, kernel, register_backends, register_op
+
+register_backends(
+    "multi_lora",
+    {
+        "triton": "slora.kernels.multi_lora.triton_backend:multi_lora_triton",
+        "cpp": "slora.kernels.multi_lora.cpp_backend:multi_lora_cpp",
+        "torch": "slora.kernels.multi_lora.torch_backend:multi_lora_torch",
+    },
+)
+# The gradients are GEMMs on each group's tokens (PyTorch's BLAS) on every backend.
+register_backends(
+    "multi_lora_backward",
+    {"torch": "slora.kernels.multi_lora.torch_backend:multi_lora_backward_torch"},
+)
+
+
+def forward_kernel(device: torch.device, backend: str = "") -> Callable:
+    """The forward kernel of ``backend`` ('' = the default for ``device``)."""
+    return kernel("multi_lora", device, backend)
+
 
 # --------------------------------------------------------------------------------------------
 # Raw-tensor signatures <-> KernelWeights / LoRAMeta
@@ -48,19 +72,18 @@ def run_kernel(
 ) -> Tensor:
     """What ``slora::multi_lora`` (``out=None``) or ``slora::multi_lora_add`` computes, called
     without the dispatcher round trip (tens of µs per call): the eager inference fast path."""
-    kernel = forward_kernel(x.device, backend)
+    fn = kernel("multi_lora", x.device, backend)
     if out is None:
         fresh = torch.empty(x.shape[0], w.d_out, dtype=x.dtype, device=x.device)
-        return kernel(x, w, meta, fresh, overwrite=True)
-    return kernel(x, w, meta, out)
+        return fn(x, w, meta, fresh, overwrite=True)
+    return fn(x, w, meta, out)
 
 
 # --------------------------------------------------------------------------------------------
 # slora::multi_lora (functional, differentiable)
 
 
-@torch.library.custom_op("slora::multi_lora", mutates_args=())
-def multi_lora_op(
+def _multi_lora(
     x: Tensor,
     A: Tensor,
     Bt: Tensor,
@@ -82,13 +105,15 @@ def multi_lora_op(
                  slice_sizes, max_rank)  # fmt: skip
     meta = _meta(x.shape[0], order, group_slot, group_start, group_len)
     out = torch.empty(x.shape[0], sum(slice_sizes), dtype=x.dtype, device=x.device)
-    return forward_kernel(x.device, backend)(x, w, meta, out, overwrite=True)
+    return kernel("multi_lora", x.device, backend)(x, w, meta, out, overwrite=True)
 
 
-@multi_lora_op.register_fake
-def _(x, A, Bt, ranks, a_offsets, b_offsets, scales, slice_d_out, slice_col, slice_sizes,
-      max_rank, order, group_slot, group_start, group_len, backend):  # noqa: ANN001 # fmt: skip
-    return x.new_empty(x.shape[0], sum(slice_sizes))
+# The fakes take the arguments after x (after grad, x, A, Bt for the backward) as ``args``, in
+# schema order: args[8] is slice_sizes, the backward's args[-1] is needs.
+
+
+def _multi_lora_fake(x, *args):  # noqa: ANN001
+    return x.new_empty(x.shape[0], sum(args[8]))
 
 
 def _setup(ctx, inputs, output) -> None:  # noqa: ANN001
@@ -111,15 +136,14 @@ def _backward(ctx, grad):  # noqa: ANN001
     return (*grads, *([None] * 13))
 
 
-torch.library.register_autograd("slora::multi_lora", _backward, setup_context=_setup)
+register_op("multi_lora", _multi_lora, _multi_lora_fake, autograd=(_backward, _setup))
 
 
 # --------------------------------------------------------------------------------------------
 # slora::multi_lora_add (in place into out)
 
 
-@torch.library.custom_op("slora::multi_lora_add", mutates_args=("out",))
-def multi_lora_add_op(
+def _multi_lora_add(
     x: Tensor,
     A: Tensor,
     Bt: Tensor,
@@ -141,21 +165,28 @@ def multi_lora_add_op(
     w = _weights(A, Bt, ranks, a_offsets, b_offsets, scales, slice_d_out, slice_col,
                  slice_sizes, max_rank)  # fmt: skip
     meta = _meta(x.shape[0], order, group_slot, group_start, group_len)
-    forward_kernel(x.device, backend)(x, w, meta, out)
+    kernel("multi_lora", x.device, backend)(x, w, meta, out)
 
 
-@multi_lora_add_op.register_fake
-def _(x, A, Bt, ranks, a_offsets, b_offsets, scales, slice_d_out, slice_col, slice_sizes,
-      max_rank, order, group_slot, group_start, group_len, backend, out):  # noqa: ANN001 # fmt: skip
+def _multi_lora_add_fake(x, *args):  # noqa: ANN001
     return None
+
+
+# in place, for inference: not differentiable (a differentiable call goes to slora::multi_lora)
+register_op(
+    "multi_lora_add",
+    _multi_lora_add,
+    _multi_lora_add_fake,
+    mutates_args=("out",),
+    autograd=NOT_DIFFERENTIABLE,
+)
 
 
 # --------------------------------------------------------------------------------------------
 # slora::multi_lora_backward
 
 
-@torch.library.custom_op("slora::multi_lora_backward", mutates_args=())
-def multi_lora_backward_op(
+def _multi_lora_backward(
     grad: Tensor,
     x: Tensor,
     A: Tensor,
@@ -177,16 +208,18 @@ def multi_lora_backward_op(
     w = _weights(A, Bt, ranks, a_offsets, b_offsets, scales, slice_d_out, slice_col,
                  slice_sizes, max_rank)  # fmt: skip
     meta = _meta(x.shape[0], order, group_slot, group_start, group_len)
-    grads = backward_kernel(x.device)(grad, x, w, meta, tuple(needs))
+    grads = kernel("multi_lora_backward", x.device, "torch")(grad, x, w, meta, tuple(needs))
     return tuple(  # type: ignore[return-value]
         g.to(like.dtype) if g is not None else like.new_empty(0)
         for g, like in zip(grads, (x, A, Bt))
     )
 
 
-@multi_lora_backward_op.register_fake
-def _(grad, x, A, Bt, ranks, a_offsets, b_offsets, scales, slice_d_out, slice_col,
-      slice_sizes, max_rank, order, group_slot, group_start, group_len, needs):  # noqa: ANN001 # fmt: skip
+def _multi_lora_backward_fake(grad, x, A, Bt, *args):  # noqa: ANN001
+    needs = args[-1]
     return tuple(
         torch.empty_like(t) if need else t.new_empty(0) for t, need in zip((x, A, Bt), needs)
     )
+
+
+register_op("multi_lora_backward", _multi_lora_backward, _multi_lora_backward_fake)

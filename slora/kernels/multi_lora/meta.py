@@ -6,8 +6,7 @@ of the per-token slots (decode, any token order), or the caller's prefill segmen
 synchronisation, so a server can build a :class:`LoRAMeta` once per step, reuse it for every
 layer, and capture it in a CUDA graph or a ``torch.compile`` graph.  Value checks raise
 ``ValueError`` in eager mode on the CPU and become device asserts on CUDA and under
-``torch.compile``.  Converters accept vLLM's ``token_lora_mapping`` and SGLang's
-``seg_indptr`` / ``weight_indices`` / ``lora_ranks``.
+``torch.compile``.  vLLM's per-token ``token_lora_mapping`` is already a ``token_slots``.
 """
 
 from __future__ import annotations
@@ -102,28 +101,6 @@ def build_segment_meta(
                 f"seg_slots: every slot must be in [-1, {max_slots}) (−1 = no adapter)",
             )
     return LoRAMeta(num_tokens, None, slots, indptr[:-1], indptr.diff())
-
-
-def from_vllm(token_lora_mapping: Tensor, max_slots: int) -> LoRAMeta:
-    """Metadata from vLLM's per-token ``token_lora_mapping`` (−1 = no LoRA)."""
-    return build_token_meta(token_lora_mapping, max_slots)
-
-
-def from_sglang(
-    seg_indptr: Tensor,
-    weight_indices: Tensor,
-    lora_ranks: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """``(seg_indptr, seg_slots)`` from SGLang's batch info: ``weight_indices`` gives each
-    segment's slot; slots whose ``lora_ranks`` entry is 0 (SGLang's base-model slot) become −1."""
-    _check_int_vector(seg_indptr, "seg_indptr")
-    _check_int_vector(weight_indices, "weight_indices", seg_indptr.shape[0] - 1)
-    slots = weight_indices.long()
-    if lora_ranks is not None:
-        _check_int_vector(lora_ranks, "lora_ranks")
-        safe = slots.clamp(0, max(lora_ranks.shape[0] - 1, 0))
-        slots = torch.where(lora_ranks.long()[safe] == 0, torch.full_like(slots, -1), slots)
-    return seg_indptr.long(), slots
 
 
 def check_call(x: Tensor, packed: PackedAdapters, meta: LoRAMeta, out: Tensor | None) -> None:

@@ -22,7 +22,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from slora.kernels.multi_lora.reference import acc_dtype
+from slora.kernels.multi_lora.torch_backend import acc_dtype
+from slora.kernels.registry import register_op
 
 
 def _f32(t: Tensor) -> Tensor:
@@ -30,8 +31,7 @@ def _f32(t: Tensor) -> Tensor:
     return t.to(acc_dtype(t.dtype))
 
 
-@torch.library.custom_op("slora::lora_slices", mutates_args=())
-def lora_slices_op(
+def _lora_slices(
     x: Tensor, As: list[Tensor], Bs: list[Tensor], scales: list[float]
 ) -> list[Tensor]:
     xf = _f32(x)
@@ -46,15 +46,13 @@ def lora_slices_op(
     return [*ys, h]
 
 
-@lora_slices_op.register_fake
-def _(x, As, Bs, scales):  # noqa: ANN001
+def _lora_slices_fake(x, As, Bs, scales):  # noqa: ANN001
     T = x.shape[0]
     h = x.new_empty(T, sum(a.shape[0] for a in As), dtype=acc_dtype(x.dtype))
     return [*(x.new_empty(T, b.shape[0]) for b in Bs), h]
 
 
-@torch.library.custom_op("slora::lora_slices_backward", mutates_args=())
-def lora_slices_backward_op(
+def _lora_slices_backward(
     dys: list[Tensor],
     x: Tensor,
     h: Tensor,
@@ -85,8 +83,7 @@ def lora_slices_backward_op(
     return [dx, *dAs, *dBs]
 
 
-@lora_slices_backward_op.register_fake
-def _(dys, x, h, As, Bs, scales, needs_x, needs_w):  # noqa: ANN001
+def _lora_slices_backward_fake(dys, x, h, As, Bs, scales, needs_x, needs_w):  # noqa: ANN001
     dx = torch.empty_like(x) if needs_x else x.new_empty(0)
     weights = [torch.empty_like(t) for t in (*As, *Bs)] if needs_w else []
     return [dx, *weights]
@@ -120,13 +117,14 @@ def _flat(need: bool | Sequence[bool]) -> list[bool]:
     return [need] if isinstance(need, bool) else list(need)
 
 
-torch.library.register_autograd("slora::lora_slices", _backward, setup_context=_setup)
+register_op("lora_slices_backward", _lora_slices_backward, _lora_slices_backward_fake)
+register_op("lora_slices", _lora_slices, _lora_slices_fake, autograd=(_backward, _setup))
 
 
 def lora_slices_torch(
     x: Tensor, As: Sequence[Tensor], Bs: Sequence[Tensor], scales: Sequence[float]
 ) -> Tensor:
-    """Plain PyTorch reference of ``slora::lora_slices``'s ``y``: one shrink and one expand
+    """Plain PyTorch version of ``slora::lora_slices``'s ``y``: one shrink and one expand
     per slice, fp32 math, differentiable by autograd."""
     parts = [s * (_f32(x) @ _f32(a).t()) @ _f32(b).t() for a, b, s in zip(As, Bs, scales)]
     return torch.cat(parts, dim=-1).to(x.dtype)

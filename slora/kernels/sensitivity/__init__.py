@@ -2,8 +2,7 @@
 
 One concern per module (semantics and how to add a backend: docs/kernels.md):
 
-- ``reference``: the PyTorch implementation every backend is tested against, and the argument
-  checks;
+- ``torch_backend``: the plain PyTorch backend and the argument checks;
 - ``triton_backend``: the Triton kernels (CUDA, or the CPU under ``TRITON_INTERPRET=1``);
   ``cpp_backend``: the C++ reductions of ``csrc/sensitivity_cpu.cpp``;
 - ``library``: the ``torch.library`` ops ``slora::input_stats``, ``slora::grad_stats`` and
@@ -11,6 +10,3 @@ One concern per module (semantics and how to add a backend: docs/kernels.md):
 """
 
 from slora.kernels.sensitivity import library  # noqa: F401 - registers the ops
-from slora.kernels.sensitivity.library import kernel
-
-__all__ = ["kernel"]

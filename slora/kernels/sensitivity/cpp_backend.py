@@ -4,20 +4,11 @@ kernel: it is one GEMM, which PyTorch's BLAS already runs well on the CPU."""
 
 from __future__ import annotations
 
-from types import ModuleType
-
 import torch
 from torch import Tensor
 
-from slora.kernels._native import extension
-from slora.kernels.sensitivity.reference import fisher_exact  # noqa: F401 - the BLAS path
-
-
-def _ext() -> ModuleType:
-    ext = extension()
-    if ext is None:
-        raise RuntimeError("backend 'cpp' requested but the native ops could not be built")
-    return ext
+from slora.kernels.registry import native
+from slora.kernels.sensitivity.torch_backend import fisher_exact  # noqa: F401 - the BLAS path
 
 
 def input_stats(x: Tensor, row_mask: Tensor | None, col_sq: Tensor) -> Tensor:
@@ -25,7 +16,7 @@ def input_stats(x: Tensor, row_mask: Tensor | None, col_sq: Tensor) -> Tensor:
     token_sq = torch.empty(x.shape[0], dtype=torch.float32)
     target = col_sq if col_sq.is_contiguous() else torch.zeros_like(col_sq)
     mask = row_mask.contiguous() if row_mask is not None else None
-    _ext().sq_stats(x, mask, target, token_sq, None, None)
+    native().sq_stats(x, mask, target, token_sq, None, None)
     if target is not col_sq:
         col_sq += target
     return token_sq
@@ -38,7 +29,7 @@ def grad_stats(
     target = row_sq if row_sq.is_contiguous() else torch.zeros_like(row_sq)
     trace_buf = trace if trace.is_contiguous() else trace.clone()
     mask = row_mask.contiguous() if row_mask is not None else None
-    _ext().sq_stats(dy, mask, target, None, x_token_sq.contiguous(), trace_buf)
+    native().sq_stats(dy, mask, target, None, x_token_sq.contiguous(), trace_buf)
     if target is not row_sq:
         row_sq += target
     if trace_buf is not trace:

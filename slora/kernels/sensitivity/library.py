@@ -10,7 +10,7 @@
 
 ``!`` marks the accumulators, declared mutated in the schemas (``Tensor(a!)``), so that
 ``torch.compile`` and functionalization see the in-place updates.  ``backend`` ('' = default)
-names the kernel, resolved when the op runs (``slora.kernels.backend``), so the choice never
+names the kernel, resolved when the op runs (``slora.kernels.registry.kernel``), so the choice never
 enters a traced graph.  Every op has CPU and CUDA kernels, a fake (meta) implementation that
 checks the arguments and gives the output's shape, and an autograd registration: statistics are
 not differentiable, so the Autograd key falls through and the kernels run without recording a
@@ -21,15 +21,11 @@ calls these ops twice per target matrix and batch, next to a layer's GEMMs of si
 
 from __future__ import annotations
 
-import functools
-import importlib
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
-from slora.kernels.backend import resolve_backend
-from slora.kernels.sensitivity.reference import (
+from slora.kernels.registry import NOT_DIFFERENTIABLE, kernel, register_backends, register_op
+from slora.kernels.sensitivity.torch_backend import (
     validate_fisher_exact,
     validate_grad_stats,
     validate_input_stats,
@@ -38,19 +34,11 @@ from slora.kernels.sensitivity.reference import (
 _MODULES = {
     "triton": "slora.kernels.sensitivity.triton_backend",
     "cpp": "slora.kernels.sensitivity.cpp_backend",
-    "torch": "slora.kernels.sensitivity.reference",
+    "torch": "slora.kernels.sensitivity.torch_backend",
 }
-
-
-@functools.cache
-def _load(op: str, backend: str) -> Callable:
-    return getattr(importlib.import_module(_MODULES[backend]), op)
-
-
-def kernel(op: str, device: torch.device, backend: str = "") -> Callable:
-    """The function running ``op`` (``input_stats``, ``grad_stats``, ``fisher_exact``) for
-    ``backend`` ('' = the default for ``device``); arguments must already be validated."""
-    return _load(op, resolve_backend(device, backend or None))
+OPS = ("input_stats", "grad_stats", "fisher_exact")
+for _op in OPS:
+    register_backends(_op, {backend: f"{module}:{_op}" for backend, module in _MODULES.items()})
 
 
 def _run(op: str, device: torch.device, backend: str, *args: Tensor | None):
@@ -91,29 +79,15 @@ def _fisher_exact_fake(dy, x, row_mask, diag, backend):  # noqa: ANN001
     validate_fisher_exact(dy, x, row_mask, diag)
 
 
-_OPS = {
-    "input_stats": (
-        "input_stats(Tensor x, Tensor? row_mask, Tensor(a!) col_sq, str backend) -> Tensor",
-        _input_stats,
-        _input_stats_fake,
-    ),
-    "grad_stats": (
-        "grad_stats(Tensor dy, Tensor? row_mask, Tensor x_token_sq, Tensor(a!) row_sq, "
-        "Tensor(b!) trace, str backend) -> ()",
-        _grad_stats,
-        _grad_stats_fake,
-    ),
-    "fisher_exact": (
-        "fisher_exact(Tensor dy, Tensor x, Tensor? row_mask, Tensor(a!) diag, str backend) -> ()",
-        _fisher_exact,
-        _fisher_exact_fake,
-    ),
+_SCHEMAS = {
+    "input_stats": "(Tensor x, Tensor? row_mask, Tensor(a!) col_sq, str backend) -> Tensor",
+    "grad_stats": "(Tensor dy, Tensor? row_mask, Tensor x_token_sq, Tensor(a!) row_sq, "
+    "Tensor(b!) trace, str backend) -> ()",
+    "fisher_exact": "(Tensor dy, Tensor x, Tensor? row_mask, Tensor(a!) diag, str backend) -> ()",
 }
-
-_lib = torch.library.Library("slora", "FRAGMENT")
-for _name, (_schema, _kernel, _fake) in _OPS.items():
-    _lib.define(_schema)
-    for _key in ("CPU", "CUDA"):
-        _lib.impl(_name, _kernel, _key)
-    _lib.impl(_name, torch.library.fallthrough_kernel, "Autograd")
-    torch.library.register_fake(f"slora::{_name}", _fake, lib=_lib)
+register_op("input_stats", _input_stats, _input_stats_fake, schema=_SCHEMAS["input_stats"],
+            autograd=NOT_DIFFERENTIABLE)  # fmt: skip
+register_op("grad_stats", _grad_stats, _grad_stats_fake, schema=_SCHEMAS["grad_stats"],
+            autograd=NOT_DIFFERENTIABLE)  # fmt: skip
+register_op("fisher_exact", _fisher_exact, _fisher_exact_fake, schema=_SCHEMAS["fisher_exact"],
+            autograd=NOT_DIFFERENTIABLE)  # fmt: skip

@@ -1,6 +1,7 @@
 """What the Python call around the CPU multi-LoRA kernel costs, layer by layer.
 
-    python benchmarks/call_overhead_cpu.py [--threads 2] [--rounds 15] [--dtype bfloat16]
+    python benchmarks/bench_multi_lora_call_overhead.py [--threads 2] [--rounds 15] \
+        [--dtype bfloat16]
 
 Times, interleaved, the native op called directly and every wrapper above it — ``cpp_backend``,
 ``run_kernel`` (backend resolved, weights gathered), ``slora.ops.multi_lora(out=…)`` (checks

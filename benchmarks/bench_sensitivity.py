@@ -1,6 +1,6 @@
 """pytest-benchmark: the sensitivity-statistics reductions, every backend against the torch path.
 
-    python -m pytest benchmarks/bench_sensitivity_kernels.py --benchmark-only \
+    python -m pytest benchmarks/bench_sensitivity.py --benchmark-only \
         [--benchmark-json out.json]
 
 Each op/shape/dtype runs the ``torch`` reference first, then the other backends usable on the

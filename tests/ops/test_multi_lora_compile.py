@@ -3,9 +3,10 @@ implementation, autograd registration, AOT dispatch) and tracing with torch.comp
 
 from __future__ import annotations
 
+import oracles
 import pytest
 import torch
-from test_multi_lora import BACKENDS, assert_close, make_adapters, reference
+from conftest import BACKENDS, assert_close, make_adapters
 from torch.library import opcheck
 
 from slora import ops
@@ -75,7 +76,9 @@ def test_serving_call_compiles_fullgraph_and_mutates_out(problem):
     base1, base2 = torch.randn(11, 13), torch.randn(11, 13)
     out1, out2 = base1.clone(), base2.clone()
     compiled(x, slots, out1, out2)
-    assert_close(out1, reference(x, slots, adapters, SIZES) + base1.double(), torch.float32)
+    assert_close(
+        out1, oracles.multi_lora(x, slots, adapters, SIZES) + base1.double(), torch.float32
+    )
     want2 = torch.zeros(11, 13)
     ops.multi_lora(x, slots, packed2, out=want2, backend="torch")
     torch.testing.assert_close(out2 - base2, want2, rtol=1e-5, atol=1e-5)
@@ -91,7 +94,7 @@ def test_segment_form_compiles_fullgraph(problem):
     )
     token_slots = torch.repeat_interleave(seg_slots, indptr.diff())
     assert_close(
-        fn(x, indptr, seg_slots), reference(x, token_slots, adapters, SIZES), torch.float32
+        fn(x, indptr, seg_slots), oracles.multi_lora(x, token_slots, adapters, SIZES), torch.float32
     )
 
 
@@ -127,7 +130,7 @@ def test_cuda_ops_opcheck_and_cuda_graph_with_prebuilt_meta(dtype):
     out2.zero_()
     graph.replay()
     torch.cuda.synchronize()
-    ref = reference(x_cpu, slots_cpu, adapters, SIZES)
+    ref = oracles.multi_lora(x_cpu, slots_cpu, adapters, SIZES)
     assert_close(out1.cpu(), ref, dtype)
     assert_close(out2.cpu(), ref, dtype)
 
@@ -176,3 +179,19 @@ def test_gradcheck_float64_torch_path():
     assert torch.autograd.gradcheck(
         lambda x, A, Bt: torch.ops.slora.multi_lora(x, A, Bt, *args, "torch"), (x, A, Bt)
     )
+
+
+def test_second_derivatives_are_refused_naming_the_op(problem):
+    """The backward ops have no gradient formula: differentiating through them is an error
+    that names the op, never a silently missing term."""
+    _, packed, x, slots = problem
+    x = x.clone().requires_grad_()
+    y = ops.multi_lora(x, slots, packed, backend="torch")
+    (gx,) = torch.autograd.grad((y**2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="slora::multi_lora_backward has no gradient formula"):
+        gx.sum().backward()
+    As = [torch.randn(3, 16, requires_grad=True)]
+    ys = torch.ops.slora.lora_slices(x, As, [torch.randn(5, 3)], [1.0])
+    (gA,) = torch.autograd.grad((ys[0] ** 2).sum(), As[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="slora::lora_slices_backward has no gradient formula"):
+        gA.sum().backward()

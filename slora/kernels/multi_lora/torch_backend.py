@@ -1,5 +1,6 @@
-"""Plain PyTorch implementations of the grouped LoRA ops: what every backend is tested against,
-and the backend of last resort.  fp32 math whatever the input dtype; they read the group
+"""Plain PyTorch implementations of the grouped LoRA ops (backend ``torch``, the backend of last
+resort, and the backward of every backend; the tests compare every backend with the float64
+oracle of tests/oracles.py).  fp32 math whatever the input dtype; they read the group
 metadata and ranks back to the host (host syncs), which is fine inside an opaque op.
 
 Semantics (docs/kernels.md): for every token t of a group of slot k and every slice s,

@@ -1,5 +1,5 @@
-"""Independent float64 implementations of the metrics and their combination (docs/method.md),
-written for the tests only.
+"""The tests' float64 oracles, written for the tests only: the metrics and their combination
+(docs/method.md) and the grouped LoRA op.
 
 They materialise everything (token-level tensors, every Hessian-diagonal entry) — slow but
 obviously right — and share no code with slora.
@@ -60,3 +60,40 @@ def combine(ms: dict[str, dict[str, float]]) -> dict[str, float]:
     sl = w(st) * st + w(se) * se
     theta = w(sg) * sg + (w(sl) if sl.any() else 0.0) * sl
     return dict(zip(names, theta.tolist()))
+
+
+def multi_lora(x, slots, adapters, sizes) -> torch.Tensor:  # noqa: ANN001
+    """The grouped LoRA op from the *unpacked* adapters (``conftest.make_adapters``), token by
+    token: ``y[t] = Σ_s scale·B (A x_t)`` for the token's slot (−1 or an empty slot: zeros)."""
+    y = torch.zeros(x.shape[0], sum(sizes), dtype=torch.float64)
+    for t in range(x.shape[0]):
+        k = int(slots[t])
+        if k < 0 or adapters[k] is None:
+            continue
+        col = 0
+        for (A, B, scale), d in zip(adapters[k], sizes):
+            y[t, col : col + d] = scale * (B.double() @ (A.double() @ x[t].double()))
+            col += d
+    return y
+
+
+def _sorted_entries(entries) -> np.ndarray:  # noqa: ANN001
+    values = entries.detach().double().cpu().numpy() if torch.is_tensor(entries) else entries
+    return np.sort(np.asarray(values, dtype=np.float64).ravel())[::-1]
+
+
+def topk_sum(entries, k: int) -> float:  # noqa: ANN001
+    """Sum of the k largest entries (numpy float64, everything materialised)."""
+    return float(_sorted_entries(entries)[:k].sum())
+
+
+def share_count(entries, alpha: float) -> int:  # noqa: ANN001
+    """Smallest c whose c largest entries sum to ≥ alpha · total (0 when the total is 0; α = 1:
+    every positive entry, which a rounded cumulative sum may stall before)."""
+    e = _sorted_entries(entries)
+    cum = np.cumsum(e)
+    if cum.size == 0 or cum[-1] <= 0:
+        return 0
+    if alpha >= 1:
+        return int((e > 0).sum())
+    return int(np.argmax(cum >= alpha * cum[-1])) + 1

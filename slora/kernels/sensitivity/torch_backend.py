@@ -9,9 +9,9 @@ Backward side (output gradient ``dy``):             row_sq[i] += Σ_t dy[t, i]²
 
 Padding rows are excluded through ``row_mask`` (True = real token).  Everything accumulates
 in fp32 whatever the input dtype; inputs are upcast before squaring so fp16 activations whose
-squares overflow fp16 are still correct.  These functions are the reference every other
-backend is tested against; the registered ops (``library.py``) check the arguments once with
-the ``validate_*`` functions below, then call a backend.
+squares overflow fp16 are still correct.  The tests check every backend against float64 sums
+(tests/ops/test_sensitivity.py); the registered ops (``library.py``) check the arguments once
+with the ``validate_*`` functions below, then call a backend.
 """
 
 from __future__ import annotations

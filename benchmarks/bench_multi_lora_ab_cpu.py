@@ -2,7 +2,8 @@
 git revision against the working tree, both built side by side into one process and timed
 interleaved on ``slora bench``'s cases, each against the same-run bytes floor.
 
-    python benchmarks/ab_multi_lora_cpu.py [--base HEAD] [--dtype bfloat16 ...] [--threads 1 2]
+    python benchmarks/bench_multi_lora_ab_cpu.py [--base HEAD] [--dtype bfloat16 ...] \
+        [--threads 1 2]
 
 For kernel work on a noisy machine: the two builds run in alternating rounds (ABBA), so that a
 drifting machine slows both alike, and every ratio to the floor pairs samples of one round.

@@ -8,72 +8,15 @@ Outputs are poisoned before the call so that unwritten elements show.
 
 from __future__ import annotations
 
+import oracles
 import pytest
 import torch
+from conftest import BACKENDS, assert_close, make_adapters
 
 from slora import ops
 from slora.kernels import multi_lora as ml
-from slora.kernels.multi_lora.backends import forward_kernel
+from slora.kernels.multi_lora.library import forward_kernel
 from slora.ops import PackedAdapters, multi_lora
-
-
-def _backends() -> list[str]:
-    names = []
-    for be in ops.BACKENDS:
-        try:
-            ops.resolve_backend("cpu", be)
-        except RuntimeError:
-            continue
-        names.append(be)
-    return names
-
-
-BACKENDS = _backends()
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
-
-
-def make_adapters(ranks, d_in, sizes, dtype=torch.float32, seed=0):
-    """ranks[k][s] for slot k, slice s; None for an empty slot."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for k, rk in enumerate(ranks):
-        if rk is None:
-            out.append(None)
-            continue
-        out.append(
-            [
-                (
-                    torch.randn(r, d_in, generator=g).to(dtype),
-                    torch.randn(d, r, generator=g).to(dtype),
-                    0.25 + 0.5 * k + 0.1 * s,
-                )
-                for s, (r, d) in enumerate(zip(rk, sizes))
-            ]
-        )
-    return out
-
-
-def reference(x, slots, adapters, sizes):
-    """float64 y[t] = Σ_s scale·B (A x_t) per the token's slot (−1 = zeros)."""
-    y = torch.zeros(x.shape[0], sum(sizes), dtype=torch.float64)
-    for t in range(x.shape[0]):
-        k = int(slots[t])
-        if k < 0 or adapters[k] is None:
-            continue
-        col = 0
-        for (A, B, scale), d in zip(adapters[k], sizes):
-            y[t, col : col + d] = scale * (B.double() @ (A.double() @ x[t].double()))
-            col += d
-    return y
-
-
-def assert_close(got, ref, dtype):
-    tol = TOL[dtype]
-    scale = max(ref.abs().max().item(), 1.0)
-    err = (got.double() - ref).abs().max().item()
-    assert not torch.isnan(got).any(), "unwritten (NaN) elements in the output"
-    assert err <= tol * scale, f"max error {err:.3g} > {tol} × {scale:.3g}"
-
 
 CASES = {
     # name: (per-slot ranks, d_in, slice sizes, T)
@@ -98,7 +41,7 @@ def test_token_slots_fp32_match_float64(backend, case):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(T, d_in, generator=gen)
     slots = _slots_for(T, len(ranks), gen)
-    ref = reference(x, slots, adapters, sizes)
+    ref = oracles.multi_lora(x, slots, adapters, sizes)
     y = multi_lora(x, slots, packed, backend=backend)
     assert y.shape == (T, sum(sizes)) and y.dtype == torch.float32
     assert_close(y, ref, torch.float32)
@@ -121,7 +64,7 @@ def test_x_with_strided_rows(backend):
     for x in (torch.randn(d_in, T, generator=gen).t(), torch.randn(T, 2 * d_in)[:, ::2]):
         assert x.stride(1) != 1
         assert_close(multi_lora(x, slots, packed, backend=backend),
-                     reference(x, slots, adapters, sizes), torch.float32)  # fmt: skip
+                     oracles.multi_lora(x, slots, adapters, sizes), torch.float32)  # fmt: skip
 
 
 def test_slora_backend_environment_variable(monkeypatch):
@@ -157,7 +100,7 @@ def test_overwrite_writes_every_element(backend):
     out = torch.full((T, packed.d_out), float("nan"))
     fn = forward_kernel(torch.device("cpu"), backend)
     fn(x, packed.weights(), meta, out, overwrite=True)
-    assert_close(out, reference(x, slots, adapters, sizes), torch.float32)
+    assert_close(out, oracles.multi_lora(x, slots, adapters, sizes), torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -168,7 +111,7 @@ def test_half_precision(backend, dtype):
     packed = PackedAdapters.from_list(adapters, d_out=sizes)
     x = torch.randn(T, d_in).to(dtype)
     slots = _slots_for(T, len(ranks), torch.Generator().manual_seed(2))
-    ref = reference(x, slots, adapters, sizes)  # from the same rounded inputs
+    ref = oracles.multi_lora(x, slots, adapters, sizes)  # from the same rounded inputs
     y = multi_lora(x, slots, packed, backend=backend)
     assert y.dtype == dtype
     assert_close(y, ref, dtype)
@@ -197,7 +140,7 @@ def test_cpp_decode_and_prefill_paths(dtype, overwrite):
     slots = slots[torch.randperm(len(slots), generator=gen)]
     T = slots.numel()
     x = torch.randn(T, d_in, generator=gen).to(dtype)
-    ref = reference(x, slots, adapters, sizes)
+    ref = oracles.multi_lora(x, slots, adapters, sizes)
     meta = ml.build_token_meta(slots, packed.max_slots)
     fn = forward_kernel(torch.device("cpu"), "cpp")
     for out_dtype in {dtype, torch.float32}:
@@ -218,7 +161,7 @@ def test_segments_with_empty_and_none(backend):
     T = int(indptr[-1])
     x = torch.randn(T, d_in)
     token_slots = torch.repeat_interleave(seg_slots, indptr.diff())
-    ref = reference(x, token_slots, adapters, sizes)
+    ref = oracles.multi_lora(x, token_slots, adapters, sizes)
     y = multi_lora(x, None, packed, seg_indptr=indptr, seg_slots=seg_slots, backend=backend)
     assert_close(y, ref, torch.float32)
     # the per-token form of the same batch agrees
@@ -255,7 +198,7 @@ def test_cpp_threads_do_not_change_the_result():
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)
-    assert_close(one, reference(x, slots, adapters, [200]), torch.float32)
+    assert_close(one, oracles.multi_lora(x, slots, adapters, [200]), torch.float32)
 
 
 # --- gradients ------------------------------------------------------------------------------
@@ -350,7 +293,7 @@ def test_kept_weights_follow_growth_and_rank_changes():
     adapters[1] = None
     assert packed.weights().max_rank == 2
     x, slots = torch.randn(5, 8), torch.tensor([0, 1, 0, -1, 2])
-    want = reference(x, slots, [a and [a] for a in adapters], [6])
+    want = oracles.multi_lora(x, slots, [a and [a] for a in adapters], [6])
     for be in BACKENDS:
         assert_close(multi_lora(x, slots, packed, backend=be), want, torch.float32)
 
@@ -386,7 +329,7 @@ def test_load_and_unload_touch_only_their_slot():
     packed.load(3, big)  # needs more room: buffers grow, offsets of others unchanged
     x = torch.randn(9, 10)
     slots = torch.tensor([0, 1, 2, 3, -1, 3, 2, 1, 0])
-    want = reference(x, slots, [adapters[0], new, adapters[2], big], [6])
+    want = oracles.multi_lora(x, slots, [adapters[0], new, adapters[2], big], [6])
     assert_close(multi_lora(x, slots, packed, backend="torch"), want, torch.float32)
 
 
@@ -435,30 +378,15 @@ def test_native_token_meta_equals_the_torch_one(monkeypatch, T):
             ml.build_token_meta(torch.tensor([0, bad, 1]), max_slots=6)
 
 
-def test_vllm_mapping_converter():
-    mapping = torch.tensor([1, -1, 0, 1, 1])
-    meta = ml.from_vllm(mapping, max_slots=2)
-    assert meta.group_len.tolist() == [1, 3]
-    adapters = make_adapters([(3,), (5,)], 8, [4])
-    packed = PackedAdapters.from_list(adapters)
-    x = torch.randn(5, 8)
-    out = torch.zeros(5, 4)
-    ml.multi_lora_torch(x, packed.weights(), meta, out)
-    assert_close(out, reference(x, mapping, adapters, [4]), torch.float32)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_sglang_converter(backend):
-    indptr, weight_indices = torch.tensor([0, 3, 4, 8]), torch.tensor([1, 0, 2])
-    lora_ranks = torch.tensor([0, 6, 2])  # SGLang's slot 0 is the base model (rank 0)
-    seg_indptr, seg_slots = ml.from_sglang(indptr, weight_indices, lora_ranks)
-    assert seg_slots.tolist() == [1, -1, 2]
+def test_segment_form_with_a_skipped_segment(backend):
+    seg_indptr, seg_slots = torch.tensor([0, 3, 4, 8]), torch.tensor([1, -1, 2])
     adapters = make_adapters([(1,), (6,), (2,)], 9, [5])
     packed = PackedAdapters.from_list(adapters)
     x = torch.randn(8, 9)
     y = multi_lora(x, None, packed, seg_indptr=seg_indptr, seg_slots=seg_slots, backend=backend)
     token_slots = torch.tensor([1, 1, 1, -1, 2, 2, 2, 2])
-    assert_close(y, reference(x, token_slots, adapters, [5]), torch.float32)
+    assert_close(y, oracles.multi_lora(x, token_slots, adapters, [5]), torch.float32)
 
 
 # --- bad input ------------------------------------------------------------------------------
@@ -536,7 +464,7 @@ def _cuda_case(dtype):
     packed = PackedAdapters.from_list(adapters, d_out=sizes, device="cuda")
     x = torch.randn(T, d_in).to(dtype)
     slots = _slots_for(T, len(ranks), torch.Generator().manual_seed(4))
-    return packed, x.cuda(), slots.cuda(), reference(x, slots, adapters, sizes)
+    return packed, x.cuda(), slots.cuda(), oracles.multi_lora(x, slots, adapters, sizes)
 
 
 @pytest.mark.cuda

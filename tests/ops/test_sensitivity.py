@@ -9,29 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import BACKENDS, assert_close_rel
 from tiny_models import MODELS, batches
 
 import slora
 from slora import ops
-from slora.kernels._native import available as native_available
 from slora.kernels.sensitivity import triton_backend as tb
 
-
-def _backends() -> list[str]:
-    names = ["torch"]
-    try:
-        ops.resolve_backend("cpu", "triton")
-        names.append("triton")
-    except RuntimeError:
-        pass
-    if native_available():
-        names.append("cpp")
-    return names
-
-
-BACKENDS = _backends()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-5}
 
 # (tokens, features, mask kind): odd sizes, one token, all-but-one masked, a multi-block size.
 SHAPES = [
@@ -80,10 +65,11 @@ def _ref_sq(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return sq if mask is None else sq * mask.double()[:, None]
 
 
-def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
-    actual = actual.double()
-    assert torch.isfinite(actual).all(), f"{what}: non-finite output {actual}"
-    torch.testing.assert_close(actual, expected, rtol=TOL[dtype], atol=1e-30, msg=what)
+def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """The statistics are fp32 sums of squares of already-rounded inputs: checked at fp32
+    tolerance whatever the input dtype (a kernel that squared in bf16 / fp16 fails)."""
+    assert actual.dtype == torch.float32, f"{what}: {actual.dtype} output"
+    assert_close_rel(actual, expected, torch.float32, what)
 
 
 def _run_stats(backend, x, mask, **launch):
@@ -112,6 +98,16 @@ def _run_stats(backend, x, mask, **launch):
     }
 
 
+def test_fp32_tolerance_catches_squares_taken_in_bf16():
+    # The check must be able to fail: squaring bf16 inputs in bf16 (rounding each square to 8
+    # significant bits) is off by ~1e-3 relative; upcasting first is exact to fp32 rounding.
+    x = _data(64, 33, torch.bfloat16)
+    want = _ref_sq(x, None).sum(0)
+    with pytest.raises(AssertionError):
+        _close(x.square().float().sum(0), want, "squared in bf16")
+    _close(x.float().square().sum(0), want, "squared in fp32")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens,features,mask_kind", SHAPES)
@@ -119,7 +115,7 @@ def test_stats_match_float64(backend, dtype, tokens, features, mask_kind):
     x = _data(tokens, features, dtype)
     mask = _mask(mask_kind, tokens)
     for name, (got, want) in _run_stats(backend, x, mask).items():
-        _close(got, want, dtype, f"{backend} {dtype} {name}")
+        _close(got, want, f"{backend} {dtype} {name}")
         if name == "token_sq" and mask is not None:
             assert (got[~mask] == 0).all(), "masked tokens must have ‖x_t‖² = 0"
 
@@ -129,7 +125,7 @@ def test_fp16_squares_that_overflow_fp16(backend):
     # |x| ≈ 300..1000: x² ≫ 65504 (fp16 max), so squaring in fp16 would give inf.
     x = (torch.rand(9, 33, dtype=torch.float64) * 700 + 300).to(torch.float16)
     for name, (got, want) in _run_stats(backend, x, _mask("random", 9)).items():
-        _close(got, want, torch.float16, f"{backend} {name}")
+        _close(got, want, f"{backend} {name}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -138,7 +134,7 @@ def test_float64_input_and_strided_views(backend):
     x = base[:, ::2]  # column stride 2
     mask = _mask("random", 46)[::2]  # a strided mask too
     for name, (got, want) in _run_stats(backend, x, mask).items():
-        _close(got, want, torch.float32, f"{backend} strided {name}")
+        _close(got, want, f"{backend} strided {name}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -163,7 +159,7 @@ def test_triton_split_and_column_block_paths(dtype, launch):
     # Several token splits (workspace path) and several column blocks (token partials summed).
     x = _data(41, 27, dtype)
     for name, (got, want) in _run_stats("triton", x, _mask("random", 41), **launch).items():
-        _close(got, want, dtype, f"triton {launch} {name}")
+        _close(got, want, f"triton {launch} {name}")
 
 
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="native ops not built")
@@ -190,7 +186,7 @@ def test_cpp_threads_give_identical_bits(dtype):
     sq_x, sq_dy = _ref_sq(x, mask), _ref_sq(dy, mask)
     want = (sq_x.sum(0), sq_x.sum(1), sq_dy.sum(0), (sq_dy.sum(1) * sq_x.sum(1)).sum().reshape(1))
     for got, ref in zip(results[1], want):
-        _close(got, ref, dtype, "cpp, several threads")
+        _close(got, ref, "cpp, several threads")
 
 
 # ---- fisher_exact --------------------------------------------------------------------------
@@ -210,7 +206,7 @@ def test_fisher_exact_matches_float64(backend, dtype, tokens, d_out, d_in, mask_
     diag = torch.rand(d_out, d_in) + 0.5
     want = diag.double() + _ref_sq(dy, mask).t() @ x.double().square()
     ops.accumulate_fisher_exact(dy, x, mask, diag, backend=backend)
-    _close(diag, want, dtype, f"{backend} fisher_exact")
+    _close(diag, want, f"{backend} fisher_exact")
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton not usable")
@@ -220,7 +216,7 @@ def test_fisher_exact_triton_overflowing_fp16_strided_and_blocked():
     diag = (torch.rand(25, 17) + 0.5).t()  # a transposed (non-contiguous) accumulator
     want = diag.double() + dy.double().square().t() @ x.double().square()
     tb.fisher_exact(dy, x, None, diag, block_o=16, block_d=16, block_t=16)
-    _close(diag, want, torch.float16, "fisher_exact blocked")
+    _close(diag, want, "fisher_exact blocked")
 
 
 # ---- errors --------------------------------------------------------------------------------
@@ -274,7 +270,7 @@ def test_triton_stats_on_device(dtype, tokens, features):
     tok = ops.accumulate_input_stats(x, mask, col, backend="triton")
     ops.accumulate_grad_stats(dy, mask, tok, row, trace, backend="triton")
     for got, ref, name in zip((col, tok, row, trace[0]), want, ("col", "tok", "row", "trace")):
-        _close(got.cpu(), ref.cpu(), dtype, f"triton cuda {name}")
+        _close(got.cpu(), ref.cpu(), f"triton cuda {name}")
 
 
 @pytest.mark.cuda
@@ -285,11 +281,11 @@ def test_fisher_exact_triton_on_device(dtype):
     diag = torch.rand(257, 129, device="cuda")
     want = diag.double() + _ref_sq(dy, mask).t() @ x.double().square()
     ops.accumulate_fisher_exact(dy, x, mask, diag, backend="triton")
-    _close(diag, want, dtype, "fisher_exact cuda")
+    _close(diag, want, "fisher_exact cuda")
     cpu_diag = torch.zeros(257, 129)  # accumulator on the host
     ops.accumulate_fisher_exact(dy, x, mask, cpu_diag, backend="triton")
     want_host = (_ref_sq(dy, mask).t() @ x.double().square()).cpu()
-    _close(cpu_diag, want_host, dtype, "fisher_exact host accumulator")
+    _close(cpu_diag, want_host, "fisher_exact host accumulator")
 
 
 # ---- whole pass: the same report from every backend ----------------------------------------

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_sensitivity_kernels import BACKENDS
+from conftest import BACKENDS
 from torch.library import opcheck
 
 from slora import ops
