@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import assert_close
 from vllm_scenarios import padded_reference
 
 from slora import ops
@@ -21,7 +22,6 @@ from slora.integrations.vllm.storage import LayerAdapters, effective_rank, rank_
 from slora.integrations.vllm.wrapper import SloraWrapperMixin
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]  # the GPU script runs -m cuda
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
 class StockWrapper:
@@ -103,9 +103,7 @@ def _run(wrapper, layer, slots, dtype, device, gen, **kwargs):
 
 
 def _check(y, expected, dtype):
-    err = (y.double() - expected).abs().max().item()
-    scale = expected.abs().max().item() + 1.0
-    assert err <= TOL[dtype] * scale, f"max error {err} (scale {scale})"
+    assert_close(y, expected, dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)

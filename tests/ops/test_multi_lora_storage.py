@@ -7,41 +7,38 @@ from __future__ import annotations
 
 import random
 
+import oracles
 import pytest
 import torch
 import toy
+from conftest import BACKENDS, assert_close, generator
 
 import slora
 from slora import ops
 
-BACKENDS = ["torch", "cpp"]
-
 
 def _adapter(gen: torch.Generator, d_in: int, sizes: list[int], ranks: list[int], dtype):
+    """One adapter: ``(A [r, d_in], B [d_s, r], scale)`` per slice (r = 0: empty tensors)."""
     return [
         (
-            (torch.randn(r, d_in, generator=gen)).to(dtype),
+            torch.randn(r, d_in, generator=gen).to(dtype),
             (torch.randn(d, r, generator=gen) * 0.3).to(dtype),
             0.5 + s,
         )
-        if r
-        else None
         for s, (d, r) in enumerate(zip(sizes, ranks))
     ]
 
 
 def _reference(loaded: dict, x: torch.Tensor, slots: torch.Tensor, sizes: list[int]):
-    """float64 ``[s_k B_k (A_k x_t)]`` per slice for token slot k, 0 for −1 or an empty slot."""
-    out = torch.zeros(x.shape[0], sum(sizes), dtype=torch.float64)
-    for t, k in enumerate(slots.tolist()):
-        col = 0
-        for s, d in enumerate(sizes):
-            trip = loaded.get(k, [None] * len(sizes))[s] if k >= 0 else None
-            if trip is not None:
-                A, B, scale = trip
-                out[t, col : col + d] = scale * (B.double() @ (A.double() @ x[t].double()))
-            col += d
-    return out
+    """float64 oracle of what is loaded (an unloaded slot adds nothing)."""
+    adapters = [loaded.get(k) for k in range(int(slots.max()) + 1)] if slots.numel() else []
+    return oracles.multi_lora(x, slots, adapters, sizes)
+
+
+def _poisoned(rows: int, cols: int) -> torch.Tensor:
+    """An output to add into whose unwritten elements would show: zeros after NaN."""
+    out = torch.full((rows, cols), float("nan"))
+    return out.zero_()
 
 
 def _pointers(packed: ops.PackedAdapters) -> list[int]:
@@ -65,7 +62,7 @@ def test_fixed_regions_never_move(backend):
     d_in, sizes, slots_n, R = 24, [16, 8, 8], 5, 12
     packed = ops.PackedAdapters(d_in, sizes, max_slots=slots_n, slot_rows=R)
     before = _pointers(packed)
-    rng, gen = random.Random(0), torch.Generator().manual_seed(0)
+    rng, gen = random.Random(0), generator("fixed regions")
     loaded: dict[int, list] = {}
     for step in range(120):
         slot = rng.randrange(slots_n)
@@ -81,18 +78,16 @@ def test_fixed_regions_never_move(backend):
         if step % 15 == 14:
             x = torch.randn(11, d_in, generator=gen)
             token_slots = torch.randint(-1, slots_n, (11,), generator=gen)
-            out = torch.full((11, sum(sizes)), float("nan"))
-            out.zero_()
+            out = _poisoned(11, sum(sizes))
             ops.multi_lora(x, token_slots, packed, out=out, backend=backend)
-            expected = _reference(loaded, x, token_slots, sizes)
-            torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+            assert_close(out, _reference(loaded, x, token_slots, sizes), what=f"step {step}")
 
 
 def test_first_fit_store_can_move_and_fixed_store_cannot():
     """The sequence that fragments first fit (slot 0 at rank 4, slot 1 at rank 16 in a 32-row
     store, slot 0 reloaded at rank 16) reallocates a packed store; a fixed-region store of the
     same capacity keeps its buffers."""
-    gen = torch.Generator().manual_seed(1)
+    gen = generator("first fit")
     first_fit = ops.PackedAdapters(8, 6, max_slots=2, capacity_rows=32, capacity_b=32 * 6)
     fixed = ops.PackedAdapters(8, 6, max_slots=2, slot_rows=16)
     assert fixed.A.shape[0] == 32 and fixed.Bt.shape[0] == 32 * 6
@@ -106,7 +101,7 @@ def test_first_fit_store_can_move_and_fixed_store_cannot():
 
 
 def test_rank_above_slot_rows_is_refused_and_keeps_the_old_adapter():
-    gen = torch.Generator().manual_seed(2)
+    gen = generator("rank above slot_rows")
     packed = ops.PackedAdapters(8, [6, 4], max_slots=2, slot_rows=4)
     old = _adapter(gen, 8, [6, 4], [3, 2], torch.float32)
     packed.load(1, old)
@@ -114,8 +109,7 @@ def test_rank_above_slot_rows_is_refused_and_keeps_the_old_adapter():
         packed.load(1, _adapter(gen, 8, [6, 4], [5, 1], torch.float32))
     assert [r for r, *_ in packed.host_meta(1)] == [3, 2]
     x, slots = torch.randn(3, 8, generator=gen), torch.tensor([1, -1, 1])
-    expected = _reference({1: old}, x, slots, [6, 4])
-    torch.testing.assert_close(ops.multi_lora(x, slots, packed).double(), expected)
+    assert_close(ops.multi_lora(x, slots, packed), _reference({1: old}, x, slots, [6, 4]))
     with pytest.raises(ValueError, match="slot_rows"):
         ops.PackedAdapters(8, 6, max_slots=2, slot_rows=4, capacity_rows=8)
 
@@ -126,7 +120,7 @@ def test_rank_above_slot_rows_is_refused_and_keeps_the_old_adapter():
 def test_every_operation_in_and_out_of_inference_mode(backend, made_in, slot_rows):
     """A store made in one mode is loaded, served and unloaded in both, from inference tensors
     and ordinary ones (the server that died: made during warm-up, loaded by a request)."""
-    gen = torch.Generator().manual_seed(3)
+    gen = generator(f"inference mode {made_in} {slot_rows}")
     d_in, sizes = 16, [12, 4]
     inference = torch.inference_mode()
     with inference if made_in == "inference" else torch.no_grad():
@@ -141,11 +135,9 @@ def test_every_operation_in_and_out_of_inference_mode(backend, made_in, slot_row
             loaded[slot] = adapter
             x = torch.randn(6, d_in, generator=gen)
             token_slots = torch.tensor([0, 1, 2, -1, slot, 0])
-            y = torch.full((6, sum(sizes)), float("nan"))
-            y.zero_()
+            y = _poisoned(6, sum(sizes))
             ops.multi_lora(x, token_slots, packed, out=y, backend=backend)
-        expected = _reference(loaded, x, token_slots, sizes)
-        torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+        assert_close(y, _reference(loaded, x, token_slots, sizes), what=f"call {i} ({mode})")
         with torch.inference_mode(mode != "inference"):
             packed.unload((slot + 1) % 3)
             loaded.pop((slot + 1) % 3, None)
