@@ -219,3 +219,105 @@ def test_distributed_md_recipes_run_and_agree(tmp_path):
             # so round-off in near-zero gradients shows at ~1e-6 here; a missing or doubled
             # gradient reduction moves entries by ~lr = 1e-3
             torch.testing.assert_close(got[key], want, rtol=0, atol=2e-5, msg=key)
+
+
+def _bnb_4bit_reason() -> str | None:
+    try:
+        import bitsandbytes as bnb
+
+        layer = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type="nf4").to("cpu")
+        layer(torch.randn(2, 64, requires_grad=True)).sum().backward()
+    except Exception as exc:  # noqa: BLE001 - any failure means "not available here"
+        return f"bitsandbytes 4-bit does not run on this CPU ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _qlora_model(base: str):
+    """The 4-bit (nf4) base from ``base``, patched with fixed ranks and random non-zero A, B."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers.utils import logging
+
+    import slora
+    from slora.core.patch import lora_layers, plan_for_ranks
+    from slora.core.targets import find_targets
+
+    logging.set_verbosity_error()
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=config, device_map="cpu")
+    names = list(find_targets(model))
+    slora.patch(model, plan_for_ranks(model, {n: 1 + i % 3 for i, n in enumerate(names)}))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            for p in (layer.lora_A.weight, layer.lora_B.weight):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+def _qlora_fsdp2_worker(rank: int, world: int, port: int, base: str, out: str) -> None:
+    sys.path.insert(0, str(HERE))
+    import torch.distributed as dist
+    from tiny_models import batches
+
+    import slora
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from torch.distributed.fsdp import fully_shard
+
+        model = _qlora_model(base)
+        batch = batches("llama", n=1, batch=4, pad=False)[0]
+        with torch.no_grad():
+            before = model(**batch).logits
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        with torch.no_grad():
+            after = model(**batch).logits
+        err = float((after - before).abs().max() / before.abs().max())
+        _sgd_step(model, {k: v[rank::world] for k, v in batch.items()})
+        slora.save_adapter(model, Path(out, "qlora_fsdp2"))
+        Path(out, f"qlora_rank{rank}.json").write_text(json.dumps({"sharded_logits_err": err}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_qlora_base_under_fsdp2_equals_one_process(tmp_path):
+    """A bitsandbytes 4-bit base patched by slora, then sharded with fully_shard: the sharded
+    model computes the unsharded logits, and a step on two half-batches saved by every rank
+    equals one process on the whole batch."""
+    reason = _bnb_4bit_reason()
+    if reason:
+        pytest.skip(reason)
+    from safetensors.torch import load_file
+    from tiny_models import batches
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import slora
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    mp.spawn(_qlora_fsdp2_worker, args=(2, _free_port(), str(tmp_path / "base"), str(tmp_path)),
+             nprocs=2, join=True)  # fmt: skip
+    for rank in range(2):
+        result = json.loads((tmp_path / f"qlora_rank{rank}.json").read_text())
+        assert result["sharded_logits_err"] <= 1e-6, result
+    single = _qlora_model(str(tmp_path / "base"))
+    _sgd_step(single, batches("llama", n=1, batch=4, pad=False)[0])
+    slora.save_adapter(single, tmp_path / "qlora_single")
+    got = load_file(str(tmp_path / "qlora_fsdp2" / "adapter_model.safetensors"))
+    want = load_file(str(tmp_path / "qlora_single" / "adapter_model.safetensors"))
+    assert got.keys() == want.keys() and len(got) > 0
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6, msg=key)
