@@ -42,12 +42,12 @@ START_TIMEOUT = 420  # includes a first native build of the C++ op on a cold mac
 REQUEST_TIMEOUT = 60
 
 
-def readme_serve_command() -> str:
-    """The README's serving command (the line that runs ``vllm serve``), as written."""
-    text = (ROOT / "README.md").read_text()
+def serve_command(doc: str = "README.md") -> str:
+    """The serving command (the line that runs ``vllm serve MODEL``) of ``doc``, as written."""
+    text = (ROOT / doc).read_text()
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
     lines = [ln for b in blocks for ln in b.splitlines() if " serve MODEL" in ln]
-    assert lines, "README.md shows no `vllm serve MODEL ...` command in a bash block"
+    assert lines, f"{doc} shows no `vllm serve MODEL ...` command in a bash block"
     return lines[0].split("  #")[0].strip()
 
 
@@ -89,15 +89,20 @@ def _descendants(pid: int) -> list[int]:
 class Server:
     """``vllm serve`` from the README's command plus test flags, on 127.0.0.1."""
 
-    def __init__(self, workdir: Path, slora: bool) -> None:
+    def __init__(self, workdir: Path, slora: bool, doc: str = "README.md") -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        command = readme_serve_command()
+        command = serve_command(doc)
         venv_bin = venv_python().parent
         command = command.replace(".venv-vllm/bin/", f"{venv_bin}/")
         command = command.replace("MODEL", str(workdir / "model"))
         command = command.replace("ADAPTER_DIR", str(workdir / "pattern"))
-        self.command = shlex.split(command) + [
+        words = shlex.split(command)
+        settings = {}  # VAR=value words in front of the command, as a shell reads them
+        while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):
+            key, value = words.pop(0).split("=", 1)
+            settings[key] = value
+        self.command = words + [
             "--host", "127.0.0.1", "--port", str(self.port),
             "--max-loras", "2", "--max-cpu-loras", "3", "--max-num-seqs", "8",
             "--max-model-len", "128", "--max-num-batched-tokens", "64",
@@ -109,9 +114,10 @@ class Server:
             VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
             VLLM_CPU_KVCACHE_SPACE="1",
             VLLM_LOGGING_LEVEL="INFO",
+            **settings,
         )
         env.pop("TRITON_INTERPRET", None)  # set by conftest for slora's tests, not vLLM's
-        self.log = workdir / f"server_{'slora' if slora else 'stock'}.log"
+        self.log = workdir / f"server_{'slora' if slora else 'stock'}_{self.port}.log"
         self._log_file = self.log.open("w")
         self.proc = subprocess.Popen(
             self.command, cwd=ROOT, env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
@@ -211,13 +217,22 @@ def _check(got: dict, want: dict) -> str | None:
 
 
 @pytest.mark.parametrize(
-    ("slora", "clients", "per_client", "cycles"),
-    [pytest.param(True, 8, 6, 30, id="slora"), pytest.param(False, 4, 4, 6, id="stock")],
-)
-def test_server_with_run_time_adapters_and_churn(prepared, slora, clients, per_client, cycles):
+    ("slora", "doc", "clients", "per_client", "cycles"),
+    [
+        pytest.param(True, "README.md", 8, 6, 30, id="slora"),
+        pytest.param(False, "README.md", 4, 4, 6, id="stock"),
+        # docs/distributed.md's tensor-parallel command: two CPU workers bound to two cores
+        pytest.param(True, "docs/distributed.md", 4, 3, 4, id="slora-tensor-parallel-2",
+                     marks=pytest.mark.skipif((os.cpu_count() or 1) < 2,
+                                              reason="tensor parallel 2 needs 2 CPUs")),
+    ],
+)  # fmt: skip
+def test_server_with_run_time_adapters_and_churn(
+    prepared, slora, doc, clients, per_client, cycles
+):  # fmt: skip
     root, ref = prepared
     every, prompts = ref["every"], ref["prompts"]
-    server = Server(root, slora)
+    server = Server(root, slora, doc)
     mismatches: list[str] = []
     base_mismatches: list[str] = []
     try:
