@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="HEAD", help="git revision to compare against")
     parser.add_argument("--dtype", action="append", choices=sorted(bench.DTYPES))
-    parser.add_argument("--case", action="append", choices=["decode", "prefill"])
+    parser.add_argument("--case", action="append", choices=["decode", "decode-one", "prefill"],
+                        help="decode-one: 64 decode tokens all on one rank-16 adapter")  # fmt: skip
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--march", default="native")
@@ -88,8 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.dtype or ["bfloat16"]:
         dtype = bench.DTYPES[name]
         for kind in args.case or ["decode"]:
-            make = bench.decode_case if kind == "decode" else bench.prefill_case
-            case = make(64 if kind == "decode" else 1024, 2048, dtype=dtype, device="cpu")
+            if kind == "prefill":
+                case = bench.prefill_case(1024, 2048, dtype=dtype, device="cpu")
+            else:
+                one = kind == "decode-one"
+                n, ranks = (1, (16,)) if one else (16, bench.RANKS)
+                case = bench.decode_case(64, 2048, n_adapters=n, ranks=ranks, dtype=dtype)
             outs = {label: torch.empty(case.x.shape[0], case.packed.d_out, dtype=dtype)
                     for label in kernels}  # fmt: skip
             fns = {}

@@ -510,6 +510,22 @@ void multi_lora_cpu(const torch::Tensor& x_in, const torch::Tensor& A, const tor
   }
   if (has_order)
     for (int64_t t = 0; t < T; ++t) check(ord[t] >= 0 && ord[t] < T, "order index out of range");
+  // Every core whatever the mix: while there are fewer items than threads (one adapter serving
+  // every request is the common case), split the item with the most tokens in two, on a tile
+  // boundary, down to halves of two tiles.  Each half re-reads its adapter, which is small
+  // next to the multiply-adds of the tokens that another thread then takes.
+  const int64_t team = std::max(1, at::get_num_threads());
+  for (int64_t n_items = items.size() / 3; n_items > 0 && n_items < team; ++n_items) {
+    int64_t big = 0;
+    for (int64_t it = 1; it < n_items; ++it)
+      if (items[3 * it + 2] > items[3 * big + 2]) big = it;
+    const int64_t n = items[3 * big + 2];
+    if (n < 4 * kTile) break;
+    const int64_t half = (n / 2 + kTile - 1) / kTile * kTile;
+    const int64_t g = items[3 * big], first = items[3 * big + 1];
+    items[3 * big + 2] = half;
+    items.insert(items.end(), {g, first + half, n - half});
+  }
   std::vector<Slice> slices(S);
   for (int64_t s = 0; s < S; ++s) slices[s] = {slice_d_out[s], slice_col[s]};
   // Threads: torch's setting, but no more than one per ~1M multiply-adds of work (tiny batches

@@ -11,7 +11,7 @@ from __future__ import annotations
 import oracles
 import pytest
 import torch
-from conftest import BACKENDS, assert_close, make_adapters
+from conftest import BACKENDS, assert_close, generator, make_adapters
 
 from slora import ops
 from slora.kernels import multi_lora as ml
@@ -199,6 +199,36 @@ def test_cpp_threads_do_not_change_the_result():
         torch.set_num_threads(before)
     assert torch.equal(one, two)
     assert_close(one, oracles.multi_lora(x, slots, adapters, [200]), torch.float32)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="native ops not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [9, 16, 37, 64, 130])
+def test_cpp_one_adapter_split_across_threads(dtype, tokens):
+    """One adapter serving every token (fewer work items than threads): its tokens are split
+    into tile-aligned parts for the threads; every row is written once, by one part, and the
+    result does not depend on the thread count."""
+    d_in, sizes = 300, [256, 40]
+    adapters = make_adapters([None, (16, 5)], d_in, sizes, dtype=dtype, seed=tokens)
+    adapters = [a and [(A / d_in**0.5, B, s) for A, B, s in a] for a in adapters]
+    packed = PackedAdapters.from_list(adapters, d_out=sizes)
+    gen = generator(f"one adapter {tokens}")
+    x = torch.randn(tokens, d_in, generator=gen).to(dtype)
+    slots = torch.ones(tokens, dtype=torch.long)
+    slots[tokens // 3] = -1  # one token without the adapter, in the middle of the group
+    ref = oracles.multi_lora(x, slots, adapters, sizes)
+    outs = {}
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            out = torch.full((tokens, sum(sizes)), float("nan"), dtype=torch.float32)
+            outs[threads] = multi_lora(x, slots, packed, backend="cpp", out=out.zero_())
+    finally:
+        torch.set_num_threads(before)
+    for threads, out in outs.items():
+        assert_close(out, ref, torch.float32, what=f"{threads} threads")
+    assert torch.equal(outs[1], outs[2]) and torch.equal(outs[1], outs[3])
 
 
 # --- gradients ------------------------------------------------------------------------------
