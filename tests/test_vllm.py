@@ -73,24 +73,6 @@ def runs(workdir, prepared) -> dict:
     }
 
 
-def _tensor_parallel_skip() -> str | None:
-    if (os.cpu_count() or 1) < 2:
-        return "tensor parallel 2 on vLLM's CPU engine needs 2 CPUs to bind its workers to"
-    return None
-
-
-@pytest.fixture(scope="module")
-def tp2(workdir, prepared) -> dict:
-    """vLLM + slora with two tensor-parallel CPU workers, each thread bound to its own core
-    (vLLM's CPU engine refuses to place two workers' threads itself on a 2-core machine)."""
-    reason = _tensor_parallel_skip()
-    if reason:
-        pytest.skip(reason)
-    bind = "|".join(str(c) for c in sorted(os.sched_getaffinity(0))[:2])
-    return _run(["engine", str(workdir), "float32", "2"], slora=True,
-                VLLM_CPU_OMP_THREADS_BIND=bind)[0]  # fmt: skip
-
-
 def _compare(got: dict, want: dict, label: str) -> None:
     assert got["tokens"] == want["tokens"], f"{label}: greedy tokens differ"
     diff = max(abs(a - b) for a, b in zip(got["logprobs"], want["logprobs"]))
@@ -164,19 +146,3 @@ def test_embedding_and_logits_lora_run_only_where_an_adapter_has_them(runs):
         for name, slots in live.items():
             holding = [k for k, i in enumerate(ids) if i == plain_id]
             assert slots == (holding if "lm_head" in name else []), (name, slots, ids)
-
-
-def test_tensor_parallel_2_equals_tensor_parallel_1_stock_and_peft(tp2, runs, prepared):
-    """Each worker's stores mirror its own shard of vLLM's buffers: with two tensor-parallel
-    workers, slora's answers equal one worker's, stock vLLM's for requests with an adapter, and
-    PEFT's (the base model's for requests without one); each worker's layers match its own
-    shard of vLLM's buffers."""
-    assert tp2["wrapper"] == "SloraPunicaWrapperCPU"
-    one, stock = runs["slora", "float32"][0], runs["stock", "float32"][0]
-    for i, adapter in enumerate(ADAPTERS):
-        label = f"request {i} ({adapter or 'no adapter'}), tensor parallel 2"
-        _compare(tp2["results"][str(i)], one["results"][str(i)], label + " vs 1")
-        _compare(tp2["results"][str(i)], prepared["reference"][str(i)], label + " vs PEFT")
-        if adapter is not None:
-            _compare(tp2["results"][str(i)], stock["results"][str(i)], label + " vs stock")
-    assert tp2["layer_error"] is not None and tp2["layer_error"] <= 1e-5
