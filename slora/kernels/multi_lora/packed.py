@@ -15,7 +15,6 @@ unload both inside ``torch.inference_mode()`` and outside it.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 from collections.abc import Sequence
@@ -24,45 +23,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from slora.kernels.multi_lora.placement import FreeList, mutable_buffers
+
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # One (A [r, d_in], B [d_out, r], scale) triple per slice; None = rank 0 / no adapter.
 SliceAdapter = tuple[Tensor, Tensor, float] | None
-
-
-class _FreeList:
-    """First-fit allocator of ``[start, start + n)`` ranges in a buffer of ``capacity`` units."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.free: list[tuple[int, int]] = [(0, capacity)] if capacity else []
-
-    def alloc(self, n: int) -> int | None:
-        for i, (start, length) in enumerate(self.free):
-            if length >= n:
-                if length == n:
-                    del self.free[i]
-                else:
-                    self.free[i] = (start + n, length - n)
-                return start
-        return None
-
-    def release(self, start: int, n: int) -> None:
-        if n == 0:
-            return
-        self.free.append((start, n))
-        self.free.sort()
-        merged: list[tuple[int, int]] = []
-        for s, n_ in self.free:
-            if merged and merged[-1][0] + merged[-1][1] == s:
-                merged[-1] = (merged[-1][0], merged[-1][1] + n_)
-            else:
-                merged.append((s, n_))
-        self.free = merged
-
-    def grow(self, new_capacity: int) -> None:
-        self.release(self.capacity, new_capacity - self.capacity)
-        self.capacity = new_capacity
 
 
 class PackedAdapters:
@@ -109,7 +75,7 @@ class PackedAdapters:
         if self.slot_rows:
             capacity_rows = self.max_slots * self.n_slices * self.slot_rows
             capacity_b = self.max_slots * self.slot_rows * self.d_out
-        with _mutable():
+        with mutable_buffers():
             self.A = torch.zeros(capacity_rows, self.d_in, dtype=dtype, device=device)
             self.device = dev = self.A.device  # with its index ("cuda:0"), as x.device compares
             self.Bt = torch.zeros(capacity_b, dtype=dtype, device=dev)
@@ -120,8 +86,8 @@ class PackedAdapters:
             self.scales = torch.zeros(shape, dtype=torch.float32, device=dev)
             self.slice_d_out = torch.tensor(outs, dtype=torch.int32, device=dev)
             self.slice_col = torch.tensor(self.col_starts, dtype=torch.int32, device=dev)
-        self._a_free = _FreeList(capacity_rows)
-        self._b_free = _FreeList(capacity_b)
+        self._a_free = FreeList(capacity_rows)
+        self._b_free = FreeList(capacity_b)
         # host mirror: slot -> [(rank, a_off, b_off, scale) per slice]
         self._host: dict[int, list[tuple[int, int, int, float]]] = {}
         self._max_rank = 0  # a plain int, so that torch.compile guards on it without tracing
@@ -226,7 +192,7 @@ class PackedAdapters:
             checked.append((A, B, float(scale)))
         self.unload(slot)
         host = []
-        with _mutable():
+        with mutable_buffers():
             for s, trip in enumerate(checked):
                 if trip is None or trip[0].shape[0] == 0:
                     host.append((0, 0, 0, 0.0))
@@ -251,7 +217,7 @@ class PackedAdapters:
             if r and not self.slot_rows:
                 self._a_free.release(a_off, r)
                 self._b_free.release(b_off, r * self.slice_sizes[s])
-        with _mutable():
+        with mutable_buffers():
             self._write_meta(slot, [(0, 0, 0, 0.0)] * self.n_slices)
         loaded = [r for h in self._host.values() for r, *_ in h]
         self._max_rank = max([self._rank_floor, *loaded])
@@ -398,17 +364,6 @@ class KernelWeights(NamedTuple):
     @property
     def col_starts(self) -> list[int]:
         return list(itertools.accumulate(self.slice_sizes[:-1], initial=0))
-
-
-def _mutable() -> Any:
-    """Context for making and writing the buffers: ordinary tensors, no autograd history.
-    Inside ``torch.inference_mode()`` new tensors would be inference tensors, which cannot be
-    written outside it (a server loads adapters from both sides: warm-up runs in inference
-    mode, a run-time load request does not)."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.inference_mode(False))
-    stack.enter_context(torch.no_grad())
-    return stack
 
 
 def _slices_of(adapter: Any) -> list[SliceAdapter] | None:
