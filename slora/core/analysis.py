@@ -15,6 +15,7 @@ per matrix (8× a 4-bit weight) and each layer input until the backward.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
@@ -29,6 +30,7 @@ from slora.core.checks import whole_number
 from slora.core.metrics import ESTIMATORS, MatrixStats, combine, matrix_metrics
 from slora.core.report import SensitivityReport
 from slora.core.targets import find_targets, linear_dims
+from slora.core.wrappers import drop_bypassed, unwrap
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
@@ -36,6 +38,16 @@ LossFn = Callable[[nn.Module, Any], Tensor]
 def default_loss(model: nn.Module, batch: Any) -> Tensor:
     """``model(**batch).loss`` for dict batches (transformers models)."""
     out = call_model(model, batch)
+    if isinstance(out, (tuple, list, Tensor)):
+        kind = f"a {type(out).__name__}" + (
+            f" of {len(out)}" if not isinstance(out, Tensor) else ""
+        )
+        raise ValueError(
+            f"the model returned {kind}, not an output with a .loss field (the default loss "
+            "reads model(**batch).loss): pass loss_fn=lambda model, batch: ... returning a "
+            "scalar (e.g. model(**batch)[0] for a transformers model called with "
+            "return_dict=False and labels)"
+        )
     loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
     if loss is None:
         raise ValueError(
@@ -54,7 +66,12 @@ def call_model(model: nn.Module, batch: Any) -> Any:
 
 
 def move_to(batch: Any, device: torch.device) -> Any:
+    """``batch`` on ``device``; inference tensors (made under ``torch.inference_mode()``)
+    become ordinary ones, which autograd can save for the backward."""
     if isinstance(batch, Tensor):
+        if batch.is_inference():
+            with torch.inference_mode(False):
+                batch = batch.clone()
         return batch.to(device)
     if isinstance(batch, Mapping):
         return {k: move_to(v, device) for k, v in batch.items()}
@@ -70,6 +87,8 @@ class _MatrixCollector:
         self.d_in, self.d_out = linear_dims(module)
         self.estimator = estimator
         f32 = dict(dtype=torch.float32, device=device)
+        self.calls = self.hooked = self.fired = 0  # this batch's forwards / dy hooks
+        self.ever_hooked = self.ever_fired = False
         self.total = MatrixStats(self.d_in, self.d_out, torch.zeros(self.d_in, **f32))
         self.batch = MatrixStats(self.d_in, self.d_out, torch.zeros(self.d_in, **f32))
         if estimator != "activation":
@@ -86,11 +105,14 @@ class _MatrixCollector:
         for t in self.buffers(self.batch):
             t.zero_()
         self.batch.tokens = 0
+        self.calls = self.hooked = self.fired = 0
 
     def commit_batch(self) -> None:
         for total, part in zip(self.buffers(self.total), self.buffers(self.batch)):
             total += part
         self.total.tokens += self.batch.tokens
+        self.ever_hooked |= self.hooked > 0
+        self.ever_fired |= self.fired > 0
 
     def batch_checksum(self) -> Tensor:
         return sum(t.double().sum() for t in self.buffers(self.batch))
@@ -115,6 +137,8 @@ class _Calibration:
     def set_batch(self, batch: Any, device: torch.device) -> int:
         """Record the batch's padding mask; returns its number of real tokens (-1: no mask)."""
         mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        if isinstance(batch, (tuple, list)):
+            _refuse_positional_mask(batch)
         self.last_input = None
         for c in self.collectors.values():
             c.reset_batch()
@@ -140,10 +164,25 @@ class _Calibration:
             x = args[0] if args else kwargs.get("input", kwargs.get("x"))
             x2 = x.detach().reshape(-1, collector.d_in)
             row_mask, tokens = self._row_mask(x)
-            collector.batch.tokens += tokens
-            x_token_sq = self.input_stats(x, x2, row_mask, collector.batch.col_sq)
-            if self.estimator == "activation" or not torch.is_grad_enabled():
-                return None
+            if torch._C._current_graph_task_id() != -1:
+                # Inside the backward: activation checkpointing recomputes this forward.  Its
+                # input was counted in the first pass; its dy is hooked once per first-pass
+                # call (here only when the first pass ran without gradients: reentrant).
+                if (
+                    self.estimator == "activation"
+                    or not torch.is_grad_enabled()
+                    or collector.hooked >= collector.calls
+                ):
+                    return None
+                scratch = torch.zeros_like(collector.batch.col_sq)
+                x_token_sq = ops.accumulate_input_stats(x2, row_mask, scratch, self.backend)
+            else:
+                collector.calls += 1
+                collector.batch.tokens += tokens
+                x_token_sq = self.input_stats(x, x2, row_mask, collector.batch.col_sq)
+                if self.estimator == "activation" or not torch.is_grad_enabled():
+                    return None
+            collector.hooked += 1
             if not output.requires_grad:
                 # The frozen model before this layer gives nothing to differentiate: join the
                 # graph through a zero scalar so that dy still reaches this layer's hook.
@@ -151,6 +190,7 @@ class _Calibration:
             saved_x = x2 if self.estimator == "fisher_exact" else None
 
             def grad_hook(dy: Tensor) -> None:
+                collector.fired += 1
                 dy2 = dy.detach().reshape(-1, collector.d_out)
                 stats = collector.batch
                 ops.accumulate_grad_stats(
@@ -170,13 +210,16 @@ class _Calibration:
         """Accumulate Σ x² into ``col_sq`` and return ‖x_t‖²; modules reading the same input
         tensor (q/k/v, gate/up) reuse the reduction of the first one."""
         last = self.last_input
-        if last is not None and last[0] is x and last[1] == x._version:
+        if x.is_inference():  # no version counter: an in-place change would go unseen
+            last = self.last_input = None
+        elif last is not None and last[0] is x and last[1] == x._version:
             col_sq += last[2]
             return last[3]
         partial = torch.zeros_like(col_sq)
         token_sq = ops.accumulate_input_stats(x2, row_mask, partial, backend=self.backend)
         col_sq += partial
-        self.last_input = (x, x._version, partial, token_sq)
+        if not x.is_inference():
+            self.last_input = (x, x._version, partial, token_sq)
         return token_sq
 
     def batch_is_finite(self) -> bool:
@@ -243,7 +286,9 @@ def analyze(
             "data must be an iterable of batches (e.g. a list of dicts or a DataLoader), "
             f"not a single {type(data).__name__}; wrap it in a list"
         )
+    model = unwrap(model)  # torch.compile / DataParallel / DDP: hooks on the modules that run
     targets = find_targets(model, target_modules)
+    targets = drop_bypassed(model, targets, target_modules is not None, "slora.analyze")
     if estimator == "fisher_exact" and any(quantized.is_quantized(m) for m in targets.values()):
         mib = sum(4 * d_in * d_out for d_in, d_out in map(linear_dims, targets.values())) / 2**20
         warnings.warn(
@@ -256,8 +301,9 @@ def analyze(
     device = _device_of(model)
     forward_only = loss_fn or call_model
     loss_fn = loss_fn or default_loss
-    calib = _Calibration(targets, estimator, backend)
-    calib.anchor = torch.zeros((), device=device, requires_grad=True)
+    with torch.inference_mode(False):  # ordinary tensors, written in either mode
+        calib = _Calibration(targets, estimator, backend)
+        calib.anchor = torch.zeros((), device=device, requires_grad=True)
     was_training = model.training
     grad_flags = {p: p.requires_grad for p in model.parameters()}
     total_batches = len(data) if hasattr(data, "__len__") else None
@@ -271,12 +317,19 @@ def analyze(
         for name, module in targets.items():
             handle = module.register_forward_hook(calib.forward_hook(name), with_kwargs=True)
             stack.callback(handle.remove)
+        if estimator != "activation":
+            # Autograd is needed whatever the caller's mode (torch.no_grad(), inference_mode).
+            stack.enter_context(torch.inference_mode(False))
+            stack.enter_context(torch.enable_grad())
+            for module in model.modules():  # dy must reach layers inside reentrant checkpoints
+                if isinstance(module, nn.Embedding):
+                    handle = module.register_forward_hook(_join_anchor(calib))
+                    stack.callback(handle.remove)
         model.eval()
         for p in grad_flags:
             p.requires_grad_(False)
-        for i, batch in enumerate(_progress(data, total_batches, progress, "slora calibration")):
-            if max_batches is not None and i >= max_batches:
-                break
+        batches = data if max_batches is None else itertools.islice(data, max_batches)
+        for i, batch in enumerate(_progress(batches, total_batches, progress, "slora calibration")):
             batch = move_to(batch, device)
             real_tokens = calib.set_batch(batch, device)
             if real_tokens == 0:
@@ -292,6 +345,15 @@ def analyze(
                     raise TypeError(
                         f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
                         + (f" of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else "")
+                    )
+                if not loss.requires_grad:
+                    raise ValueError(
+                        "slora.analyze: the loss does not require grad, so no gradient can "
+                        f"reach the target modules (estimator={estimator!r} needs one): it was "
+                        "computed without gradients (under torch.no_grad() or "
+                        "torch.inference_mode() inside loss_fn, or detached), or it does not "
+                        "depend on any target module. Return a loss computed with gradients, "
+                        "or use estimator='activation', which needs none"
                     )
                 ok = bool(torch.isfinite(loss.detach()))
                 if ok:
@@ -322,10 +384,85 @@ def analyze(
             else "the calibration data is empty"
         )
         raise ValueError(f"slora.analyze: no usable calibration batch: {reason}")
-    stats = {name: c.total for name, c in calib.collectors.items()}
+    stats = _checked_stats(calib, estimator)
     if num_tokens == 0:
         num_tokens = max(s.tokens for s in stats.values())
     return build_report(estimator, num_tokens, stats, topk_frac=topk_frac, alpha=alpha)
+
+
+def _join_anchor(calib: _Calibration):
+    """Forward hook on an embedding: its output joins the graph through the zero anchor, so
+    it requires grad and a reentrant ``torch.utils.checkpoint`` further on recomputes its
+    segment in the backward (otherwise the frozen model gives it nothing to differentiate)."""
+
+    def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        if not torch.is_grad_enabled() or not output.is_floating_point():
+            return None
+        return output + calib.anchor.to(output.dtype)
+
+    return hook
+
+
+def _refuse_positional_mask(batch: tuple | list) -> None:
+    """A tuple batch ``(input_ids, attention_mask, ...)`` is called positionally, so slora
+    cannot tell which element masks padding: refuse it when an element looks like a mask
+    with padding in it, rather than count the padding as tokens."""
+    first = batch[0] if batch else None
+    if not isinstance(first, Tensor) or first.dim() < 2 or first.is_floating_point():
+        return
+    for k, t in enumerate(batch[1:], start=1):
+        if (
+            isinstance(t, Tensor)
+            and t.shape == first.shape
+            and not t.is_floating_point()
+            and bool(((t == 0) | (t == 1)).all())
+            and not bool(t.bool().all())
+        ):
+            raise ValueError(
+                f"slora.analyze: calibration batch is a {type(batch).__name__} whose element "
+                f"{k} looks like an attention mask with padding (0/1 values, the shape "
+                f"{tuple(first.shape)} of element 0); slora masks padding only in dict batches "
+                "(key 'attention_mask') and would count the padded positions as tokens. Pass "
+                "each batch as a dict, e.g. {'input_ids': ids, 'attention_mask': mask, "
+                "'labels': labels}"
+            )
+
+
+def _checked_stats(calib: _Calibration, estimator: str) -> dict[str, MatrixStats]:
+    """Every target's statistics; a target whose forward never ran (its parent reads its
+    weight without calling it, or the data never reaches it) is left out of the report with a
+    warning rather than given the minimum rank, and one that no gradient reached is named."""
+    never = [n for n, c in calib.collectors.items() if c.total.tokens == 0]
+    if len(never) == len(calib.collectors):
+        raise ValueError(
+            "slora.analyze: no target module ran its forward during calibration "
+            f"({', '.join(never[:4])}): the model reads their weights without calling them, "
+            "or the batches never reach them; pick target_modules that the model calls"
+        )
+    if never:
+        warnings.warn(
+            f"slora.analyze: {len(never)} target module(s) never ran their forward during "
+            f"calibration and are left out of the report (no rank): {', '.join(never[:6])}. "
+            "Their parent reads the weight without calling the module (a fused fast path) or "
+            "the batches never reach them",
+            UserWarning,
+            stacklevel=3,
+        )
+    if estimator != "activation":
+        dark = [
+            n
+            for n, c in calib.collectors.items()
+            if c.total.tokens and c.ever_hooked and not c.ever_fired
+        ]
+        if dark:
+            warnings.warn(
+                f"slora.analyze: no gradient reached {len(dark)} target module(s) "
+                f"({', '.join(dark[:6])}): their outputs do not affect the loss, so their "
+                "gradient statistics are zero",
+                UserWarning,
+                stacklevel=3,
+            )
+    return {name: c.total for name, c in calib.collectors.items() if name not in never}
 
 
 def _distributed() -> bool:
