@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,12 @@ from torch import nn
 
 from slora.core.checks import finite_number, read_json, whole_number
 from slora.core.dist import full_tensor, sharded_parameters, wait_for_writer, writes_files
+from slora.core.files import write_files
 from slora.core.patch import apply_plan, get_state, lora_layers, plan_for_ranks
 from slora.core.quantized import unsupported_message
 from slora.core.targets import is_linear_like, linear_dims
 from slora.core.transaction import transaction
+from slora.core.wrappers import canonical_name, refuse_ddp, unwrap
 
 _FLOAT_DTYPES = {
     "F16": torch.float16,
@@ -44,16 +47,22 @@ def save_adapter(model: nn.Module, out_dir: str | Path, *, fold_scale: bool = Tr
     ``fold_scale=False`` keeps B unscaled and writes the scales as ``alpha_pattern`` instead
     (PEFT reproduces it; servers that read only the global alpha do not).  A model sharded by
     FSDP2 (DTensor parameters) is gathered: call this on every process; global rank 0 writes
-    one complete adapter and every process returns once it is written.
+    one complete adapter and every process returns once it is written.  A
+    ``torch.compile``-d, DataParallel or DDP model is saved under the plain model's names.
+    Both files are written beside their final names and renamed in together: a failure at any
+    point leaves a previous adapter in ``out_dir`` intact.
     """
     from safetensors.torch import save_file
 
+    model = unwrap(model)
     state = get_state(model)
-    layers = lora_layers(model)
+    layers = {canonical_name(n): m for n, m in lora_layers(model).items()}
     if state.merged:
         raise ValueError("the adapters are merged into the base weights; save before slora.merge")
     sharded = bool(sharded_parameters(model))
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"save_adapter: {str(out)!r} exists and is not a directory")
     tensors: dict[str, torch.Tensor] = {}
     ranks, alphas = {}, {}
     for name, layer in layers.items():  # the same order on every process: gathers pair up
@@ -69,7 +78,9 @@ def save_adapter(model: nn.Module, out_dir: str | Path, *, fold_scale: bool = Tr
         ranks[name] = layer.rank
     for name in state.modules_to_save:
         for key, value in model.get_submodule(name).state_dict().items():
-            tensors[f"{PREFIX}{name}.{key}"] = full_tensor(value.detach()).contiguous()
+            tensors[f"{PREFIX}{canonical_name(name)}.{key}"] = full_tensor(
+                value.detach()
+            ).contiguous()
     r = max(ranks.values())
     config = {
         "peft_type": "LORA",
@@ -85,14 +96,19 @@ def save_adapter(model: nn.Module, out_dir: str | Path, *, fold_scale: bool = Tr
         "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
         "lora_dropout": 0.0,
         "bias": "none",
-        "modules_to_save": list(state.modules_to_save) or None,
+        "modules_to_save": [canonical_name(n) for n in state.modules_to_save] or None,
         "init_lora_weights": True,
         "inference_mode": True,
     }
+    text = json.dumps(config, indent=2)
     if writes_files(sharded):
-        out.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-        (out / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        write_files(
+            out,
+            {
+                WEIGHTS_NAME: lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}),
+                CONFIG_NAME: lambda tmp: tmp.write_text(text),
+            },
+        )
     wait_for_writer(sharded)
     return out
 
@@ -115,6 +131,97 @@ def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
         if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
+
+
+def _peft_targets(value: Any, name: str) -> bool:
+    """PEFT's ``target_modules`` / ``exclude_modules`` rule: a string is a regular expression
+    matched against the whole name, a list holds names matched exactly or as a suffix."""
+    if isinstance(value, str):
+        return re.fullmatch(value, name) is not None
+    return any(name == t or name.endswith("." + t) for t in value)
+
+
+def _check_supported(config: dict[str, Any], keys: list[str], where: str) -> None:
+    """Refuse by name the PEFT LoRA variants slora does not implement (their extra weights
+    would otherwise be dropped or misapplied silently)."""
+    unsupported = []
+    if config.get("use_dora") or any("lora_magnitude_vector" in k for k in keys):
+        unsupported.append("DoRA (use_dora / lora_magnitude_vector)")
+    if config.get("lora_bias") or any(re.search(r"\.lora_B(\.[^.]+)?\.bias$", k) for k in keys):
+        unsupported.append("a bias on lora_B (lora_bias)")
+    if any("lora_embedding_" in k for k in keys):
+        unsupported.append("LoRA on embedding layers (lora_embedding_A / lora_embedding_B)")
+    if config.get("layer_replication"):
+        unsupported.append("layer_replication")
+    if unsupported:
+        raise ValueError(
+            f"{where}: this adapter uses {', '.join(unsupported)}, which slora does not "
+            "implement (plain LoRA on nn.Linear / Conv1D only); load it with PEFT instead"
+        )
+    for field_name in ("target_modules", "exclude_modules", "modules_to_save"):
+        value = config.get(field_name)
+        ok = (
+            value is None
+            or isinstance(value, str)
+            or (isinstance(value, list) and all(isinstance(t, str) for t in value))
+        )
+        if not ok:
+            raise ValueError(
+                f"{where}: {field_name} must be a regular expression or a list of module "
+                f"names, got {value!r}"
+            )
+        if isinstance(value, str) and field_name != "modules_to_save":
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(
+                    f"{where}: {field_name} {value!r} is not a valid regular expression ({exc})"
+                ) from None
+
+
+def _apply_config_targets(
+    config: dict[str, Any], a: dict, b: dict, extra: dict, where: str
+) -> None:
+    """What PEFT applies is decided by the config: LoRA tensors of modules outside
+    ``target_modules`` (or inside ``exclude_modules``) and full tensors of modules outside
+    ``modules_to_save`` are ignored, with a warning; ``modules_to_save`` overlapping a LoRA
+    target is refused (the file would both replace and adapt one module)."""
+    targets, excluded = config.get("target_modules"), config.get("exclude_modules")
+    dropped = [
+        n
+        for n in a
+        if (targets is not None and not _peft_targets(targets, n))
+        or (excluded is not None and _peft_targets(excluded, n))
+    ]
+    saved = config.get("modules_to_save") or []
+    if isinstance(saved, str):
+        saved = [saved]
+    overlap = [n for n in a if n not in dropped and _peft_targets(saved, n)]
+    overlap += [k for k in extra if k.rsplit(".", 1)[0] in a and k.rsplit(".", 1)[0] not in dropped]
+    if overlap:
+        raise ValueError(
+            f"{where}: modules_to_save overlaps the LoRA targets ({', '.join(overlap[:4])}): "
+            "a module cannot be both replaced by a trained copy and adapted; fix the adapter's "
+            "config (PEFT refuses such a config too)"
+        )
+    stray = [k for k in extra if not _peft_targets(saved, k.rsplit(".", 1)[0])]
+    if dropped or stray:
+        warnings.warn(
+            f"{where}: the config's target_modules / modules_to_save do not cover "
+            f"{len(dropped) + len(stray)} tensor group(s) in the file "
+            f"({', '.join((dropped + stray)[:4])}); as PEFT does, they are not applied",
+            UserWarning,
+            stacklevel=3,
+        )
+    for n in dropped:
+        del a[n], b[n]
+    for k in stray:
+        del extra[k]
+    if not a:
+        raise ValueError(
+            f"{where}: no LoRA tensor in the file belongs to the config's target_modules "
+            f"{targets!r}"
+        )
 
 
 def read_adapter(adapter_dir: str | Path, base_model: nn.Module | None = None) -> AdapterFile:
@@ -171,6 +278,7 @@ def read_adapter(adapter_dir: str | Path, base_model: nn.Module | None = None) -
             header = {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types on corruption
         raise ValueError(f"{weights}: corrupt or truncated safetensors file ({exc})") from exc
+    _check_supported(config, list(header), str(path))
     bad = {k: dt for k, (dt, _) in header.items() if dt not in _FLOAT_DTYPES}
     if bad:
         raise ValueError(f"{weights}: tensors must be floating point, got {bad}")
@@ -196,6 +304,7 @@ def read_adapter(adapter_dir: str | Path, base_model: nn.Module | None = None) -
         raise ValueError(f"{weights}: lora_A/lora_B pairs incomplete for {', '.join(missing[:5])}")
     if not a:
         raise ValueError(f"{weights}: no lora_A/lora_B tensors found")
+    _apply_config_targets(config, a, b, extra, str(path))
     ranks, scales = {}, {}
     for name in a:
         if a[name].dim() != 2 or b[name].dim() != 2 or a[name].shape[0] != b[name].shape[1]:
@@ -273,7 +382,12 @@ def check_against_model(adapter: AdapterFile, model: nn.Module) -> None:
 
 
 def load_adapter(base_model: nn.Module, adapter_dir: str | Path) -> nn.Module:
-    """Patch ``base_model`` with a PEFT-format LoRA adapter (validated before any change)."""
+    """Patch ``base_model`` with a PEFT-format LoRA adapter (validated before any change).
+
+    A ``torch.compile``-d or DataParallel model is patched underneath and returned as given;
+    a DistributedDataParallel one is refused (load before wrapping)."""
+    refuse_ddp(base_model, "slora.load_adapter")
+    wrapper, base_model = base_model, unwrap(base_model)
     adapter = read_adapter(adapter_dir, base_model)
     saved = sorted({key.rsplit(".", 1)[0] for key in adapter.extra})
     plan = plan_for_ranks(base_model, adapter.ranks)
@@ -287,4 +401,4 @@ def load_adapter(base_model: nn.Module, adapter_dir: str | Path) -> nn.Module:
                 layer.scale = adapter.scales[name]
             for key, value in adapter.extra.items():
                 tx.modify_tensor(params[key]).copy_(value)
-    return base_model
+    return wrapper
