@@ -120,8 +120,12 @@ def check_call(x: Tensor, packed: PackedAdapters, meta: LoRAMeta, out: Tensor | 
     if meta.group_slot.device != device:
         raise ValueError(f"meta is on {meta.group_slot.device} but x is on {device}")
     T, order = shape[0], meta.order
-    if order is not None and order.shape[0] != T:
-        raise ValueError(f"meta was built for {order.shape[0]} tokens but x has {T}")
+    if meta.num_tokens != T or (order is not None and order.shape[0] != T):
+        built = meta.num_tokens if order is None else order.shape[0]
+        raise ValueError(
+            f"meta was built for {built} tokens but x has {T}: build it for this batch "
+            "(build_token_meta / build_segment_meta with the batch's token count)"
+        )
     if out is not None:
         if out.shape != (T, packed.d_out) or out.dtype not in (dtype, torch.float32):
             raise ValueError(
