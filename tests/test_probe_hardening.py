@@ -718,6 +718,72 @@ def patch_from_data_leaves_out_mha_out_proj():
     return "attn.out_proj" not in lora_layers(model) and "ff" in lora_layers(model)
 
 
+def _padded_encoder():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+    x = torch.randn(3, 5, 8)
+    pad = torch.zeros(3, 5, dtype=torch.bool)
+    pad[1:, 3:] = True
+    names = [n for n, _ in enc.named_modules() if n.endswith(("linear1", "linear2"))]
+    return enc, x, pad, names
+
+
+def _regular_path(enc, x, pad):
+    """The encoder's output on its regular (unfused, unnested) path: training mode."""
+    enc.train()
+    try:
+        with torch.no_grad():
+            return enc(x, src_key_padding_mask=pad)
+    finally:
+        enc.eval()
+
+
+@case(3, "correct")
+def encoder_padded_nested_path_patched():
+    enc, x, pad, names = _padded_encoder()
+    slora.patch(enc, plan_for_ranks(enc, dict.fromkeys(names, 2)))
+    randomize_lora(enc)
+    with torch.no_grad():
+        got = enc(x, src_key_padding_mask=pad)
+    keep = ~pad
+    return close(got[keep], _regular_path(enc, x, pad)[keep], atol=1e-5, rtol=1e-4)
+
+
+@case(3, "correct")
+def encoder_padded_nested_path_analyze():
+    enc, x, pad, names = _padded_encoder()
+    loss = lambda m, b: m(b, src_key_padding_mask=pad)  # noqa: E731
+    report = slora.analyze(enc, [x], "activation", names, loss, progress=False)
+    return set(report.modules) == set(names) and enc.use_nested_tensor
+
+
+@case(3, "correct")
+def encoder_padded_nested_path_pool():
+    enc, x, pad, names = _padded_encoder()
+    slora.patch(enc, plan_for_ranks(enc, dict.fromkeys(names, 2)))
+    randomize_lora(enc)
+    ref = _regular_path(enc, x, pad)
+    path = tempfile.mkdtemp()
+    slora.save_adapter(enc, path)
+    slora.unpatch(enc)
+    pool = slora.AdapterPool(enc, names)
+    pool.load("a", path)
+    with torch.no_grad(), pool.use("a"):
+        got = enc(x, src_key_padding_mask=pad)
+    keep = ~pad
+    pool.close()
+    return close(got[keep], ref[keep], atol=1e-5, rtol=1e-4) and enc.use_nested_tensor
+
+
+@case(3, "correct")
+def encoder_unpatch_restores_nested_path():
+    enc, x, pad, names = _padded_encoder()
+    slora.patch(enc, plan_for_ranks(enc, dict.fromkeys(names, 2)))
+    slora.unpatch(enc)
+    return enc.use_nested_tensor is True and not enc.layers[0]._forward_pre_hooks
+
+
 # == 4. activation checkpointing ==================================================================
 
 
@@ -858,6 +924,61 @@ def save_adapter_fails_on_second_rename_old_intact():
 @case(5, "unchanged")
 def save_adapter_fails_writing_config_old_intact():
     return _save_over_old_failing(Path, "write_text", 1)
+
+
+def _half_write(path_self, data, *a, **k):
+    """Path.write_text that dies half-way (a full disk, a kill)."""
+    with open(path_self, "w") as f:
+        f.write(data[: len(data) // 2])
+    raise OSError("injected failure: disk full")
+
+
+def _with_half_write(fn):
+    original = Path.write_text
+    Path.write_text = _half_write
+    try:
+        return fn()
+    finally:
+        Path.write_text = original
+
+
+@case(5, "unchanged")
+def save_adapter_config_half_written_old_intact():
+    path = tempfile.mkdtemp()
+    slora.save_adapter(patched_toy(seed=5), path)
+    before = dir_bytes(path)
+    try:
+        _with_half_write(lambda: slora.save_adapter(patched_toy(seed=6), path))
+    except OSError:
+        return same_dir(before, path)
+    raise NotApplicable("Path.write_text is not called while saving")
+
+
+@case(5, "unchanged")
+def report_to_json_half_written_old_intact():
+    report = slora.analyze(Toy(), [ids()], "activation", list(PROJ), progress=False)
+    path = Path(tempfile.mkdtemp()) / "report.json"
+    report.to_json(path)
+    before = path.read_bytes()
+    try:
+        _with_half_write(lambda: report.to_json(path))
+    except OSError:
+        return path.read_bytes() == before and sorted(os.listdir(path.parent)) == ["report.json"]
+    raise NotApplicable("Path.write_text is not called by to_json")
+
+
+@case(5, "unchanged")
+def plan_to_json_half_written_old_intact():
+    report = slora.analyze(Toy(), [ids()], "activation", list(PROJ), progress=False)
+    plan_ = slora.allocate(report, avg_rank=2)
+    path = Path(tempfile.mkdtemp()) / "plan.json"
+    plan_.to_json(path)
+    before = path.read_bytes()
+    try:
+        _with_half_write(lambda: slora.allocate(report, avg_rank=4).to_json(path))
+    except OSError:
+        return path.read_bytes() == before
+    raise NotApplicable("Path.write_text is not called by to_json")
 
 
 @case(5, "unchanged")
@@ -1106,6 +1227,39 @@ def rank_pattern_disagrees_with_tensor():
     slora.load_adapter(Toy(), edited_adapter(cfg))
 
 
+@case(6, "correct")
+def config_all_linear_loads_every_tensor():
+    path = edited_adapter(_set("target_modules", "all-linear"))
+    return len(_loaded_names(path)) == 10
+
+
+@case(6, "correct")
+def config_layers_to_transform_decides():
+    def cfg(c):
+        c["layers_to_transform"] = [1]
+        c["layers_pattern"] = "blocks"
+
+    return _loaded_names(edited_adapter(cfg)) == {f"blocks.1.{p}" for p in PROJ}
+
+
+@case(6, "error", match="bias.*not implement")
+def config_bias_all_refused():
+    slora.load_adapter(Toy(), edited_adapter(_set("bias", "all")))
+
+
+@case(6, "error", match="trainable tokens")
+def trainable_tokens_refused():
+    def add(t):
+        t["base_model.model.embed.token_adapter.trainable_tokens_delta"] = torch.ones(2, 8)
+
+    slora.load_adapter(Toy(), edited_adapter(None, add))
+
+
+@case(6, "error", match="target_parameters")
+def target_parameters_refused():
+    slora.load_adapter(Toy(), edited_adapter(_set("target_parameters", ["blocks.0.q_proj.weight"])))
+
+
 @case(6, "unchanged")
 def refused_adapter_leaves_model_unchanged():
     model = Toy()
@@ -1257,6 +1411,44 @@ def loss_under_inference_mode_named():
     slora.analyze(Toy(), [ids()], "fisher_exact", list(PROJ), loss_fn, progress=False)
 
 
+@case(7, "error", match="attention_mask must be \\[batch, seq\\]")
+def four_d_attention_mask_refused():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.toy = Toy()
+
+        def forward(self, input_ids, attention_mask):
+            return self.toy(input_ids)
+
+    mask = torch.ones(3, 1, 5, 5, dtype=torch.long)
+    slora.analyze(M(), [{"input_ids": ids(), "attention_mask": mask}], "activation", list(PROJ),
+                  progress=False)  # fmt: skip
+
+
+@case(7, "correct")
+def attention_mask_as_nested_list_is_masked():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.toy = Toy()
+
+        def forward(self, input_ids, attention_mask):
+            return self.toy(input_ids)
+
+    mask = [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    got = slora.analyze(M(), [{"input_ids": ids(), "attention_mask": mask}], "activation",
+                        list(PROJ), progress=False)  # fmt: skip
+    return got.num_tokens == 9
+
+
+@case(7, "error", match="inference_mode.*activation")
+def model_made_in_inference_mode_fisher_named():
+    with torch.inference_mode():
+        model = Toy()
+    slora.analyze(model, [ids()], "fisher", list(PROJ), _sum_loss, progress=False)
+
+
 @case(7, "error", match="scalar")
 def loss_fn_returning_float_named():
     slora.analyze(Toy(), [ids()], "fisher", list(PROJ), lambda m, b: 1.0, progress=False)
@@ -1330,6 +1522,31 @@ def segment_meta_for_more_tokens_refused_with_grad():
     packed = ops.PackedAdapters.from_list(items)
     meta = ops.build_segment_meta(torch.tensor([0, 3, 6]), torch.tensor([0, 1]), 6, 2)
     ops.multi_lora(torch.randn(4, 6, generator=g, requires_grad=True), None, packed, meta=meta)
+
+
+@case(8, "error", match="built for 4 slots but the adapters have 2")
+def token_meta_for_more_slots_refused():
+    items, g = _packed_case()
+    packed = ops.PackedAdapters.from_list(items)
+    meta = ops.build_token_meta(torch.tensor([3, 0, 3]), 4)
+    ops.multi_lora(torch.randn(3, 6, generator=g), None, packed, meta=meta)
+
+
+@case(8, "error", match="built for 4 slots but the adapters have 2")
+def segment_meta_for_more_slots_refused():
+    items, g = _packed_case()
+    packed = ops.PackedAdapters.from_list(items)
+    meta = ops.build_segment_meta(torch.tensor([0, 2, 3]), torch.tensor([3, 0]), 3, 4)
+    ops.multi_lora(torch.randn(3, 6, generator=g), None, packed, meta=meta)
+
+
+@case(8, "error", match="shares memory with x")
+def out_aliasing_x_refused():
+    g = torch.Generator().manual_seed(0)
+    items = [(torch.randn(2, 6, generator=g), torch.randn(6, 2, generator=g), 1.0)]
+    packed = ops.PackedAdapters.from_list(items)
+    x = torch.randn(4, 6, generator=g)
+    ops.multi_lora(x, torch.zeros(4, dtype=torch.long), packed, out=x)
 
 
 def _store_state(packed) -> tuple:

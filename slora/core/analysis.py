@@ -30,7 +30,7 @@ from slora.core.checks import whole_number
 from slora.core.metrics import ESTIMATORS, MatrixStats, combine, matrix_metrics
 from slora.core.report import SensitivityReport
 from slora.core.targets import find_targets, linear_dims
-from slora.core.wrappers import drop_bypassed, unwrap
+from slora.core.wrappers import drop_bypassed, keep_forward_called, unwrap
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
@@ -139,6 +139,14 @@ class _Calibration:
         mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
         if isinstance(batch, (tuple, list)):
             _refuse_positional_mask(batch)
+        if mask is not None:
+            mask = torch.as_tensor(mask)
+            if mask.dim() not in (1, 2):
+                raise ValueError(
+                    "slora.analyze: attention_mask must be [batch, seq] (1 = real token, 0 = "
+                    f"padding), got shape {tuple(mask.shape)}; pass a 4-D attention mask under "
+                    "another key and a [batch, seq] padding mask as attention_mask"
+                )
         self.last_input = None
         for c in self.collectors.values():
             c.reset_batch()
@@ -298,6 +306,12 @@ def analyze(
             UserWarning,
             stacklevel=2,
         )
+    if estimator != "activation" and any(p.is_inference() for p in model.parameters()):
+        raise ValueError(
+            f"slora.analyze: the model's parameters were made under torch.inference_mode(), and "
+            f"autograd cannot use them (estimator={estimator!r} needs a backward): load the "
+            "model outside inference mode, or use estimator='activation'"
+        )
     device = _device_of(model)
     forward_only = loss_fn or call_model
     loss_fn = loss_fn or default_loss
@@ -317,6 +331,8 @@ def analyze(
         for name, module in targets.items():
             handle = module.register_forward_hook(calib.forward_hook(name), with_kwargs=True)
             stack.callback(handle.remove)
+        for undo in keep_forward_called(model, list(targets)):
+            stack.callback(undo)
         if estimator != "activation":
             # Autograd is needed whatever the caller's mode (torch.no_grad(), inference_mode).
             stack.enter_context(torch.inference_mode(False))

@@ -43,7 +43,7 @@ class PatchState:
     modules_to_save: list[str] = field(default_factory=list)
     originals: dict[str, dict[str, Any]] = field(default_factory=dict)
     merged: bool = False
-    hooks: list[Any] = field(default_factory=list)  # handles that keep fused paths off
+    undo_fused: list[Any] = field(default_factory=list)  # undoes keep_forward_called
 
 
 def scales_for(ranks: dict[str, int], lora_alpha: float | None, use_rslora: bool):
@@ -292,8 +292,8 @@ def apply_plan(
             layer.lora_B.requires_grad_(True)
         if group_shared_inputs:
             make_lora_groups(layers)
-        state.hooks = keep_forward_called(model, list(layers))
-        tx.on_undo(lambda: [h.remove() for h in state.hooks])
+        state.undo_fused = keep_forward_called(model, list(layers))
+        tx.on_undo(lambda: [undo() for undo in state.undo_fused])
         tx.set_attr(model, STATE_ATTR, state)
     return layers
 
@@ -384,8 +384,8 @@ def unpatch(model: nn.Module) -> nn.Module:
         for name, param in model.named_parameters():
             tx.set_requires_grad(param, state.requires_grad.get(name, param.requires_grad))
         tx.del_attr(model, STATE_ATTR)
-        for handle in state.hooks:
-            handle.remove()
+        for undo in state.undo_fused:
+            undo()
     return wrapper
 
 

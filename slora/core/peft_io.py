@@ -141,6 +141,16 @@ def _peft_targets(value: Any, name: str) -> bool:
     return any(name == t or name.endswith("." + t) for t in value)
 
 
+def _layer_index(name: str, pattern: Any) -> int | None:
+    """The layer number in ``name`` (PEFT's ``layers_to_transform`` rule): the number after
+    a ``layers_pattern`` component (default: any of layers / layer / h / blocks / block)."""
+    if isinstance(pattern, str):
+        pattern = [pattern]
+    names = "|".join(map(re.escape, pattern or ["layers", "layer", "h", "blocks", "block"]))
+    match = re.match(rf"(?:.*\.)?(?:{names})\.(\d+)\.", name)
+    return int(match.group(1)) if match else None
+
+
 def _check_supported(config: dict[str, Any], keys: list[str], where: str) -> None:
     """Refuse by name the PEFT LoRA variants slora does not implement (their extra weights
     would otherwise be dropped or misapplied silently)."""
@@ -153,6 +163,14 @@ def _check_supported(config: dict[str, Any], keys: list[str], where: str) -> Non
         unsupported.append("LoRA on embedding layers (lora_embedding_A / lora_embedding_B)")
     if config.get("layer_replication"):
         unsupported.append("layer_replication")
+    if config.get("bias", "none") not in (None, "none"):
+        unsupported.append(f"bias={config['bias']!r} (trained base-layer biases)")
+    if config.get("trainable_token_indices") or any("trainable_tokens" in k for k in keys):
+        unsupported.append("trainable tokens (trainable_token_indices)")
+    if config.get("target_parameters"):
+        unsupported.append("LoRA on parameters (target_parameters)")
+    if config.get("alora_invocation_tokens"):
+        unsupported.append("activated LoRA (alora_invocation_tokens)")
     if unsupported:
         raise ValueError(
             f"{where}: this adapter uses {', '.join(unsupported)}, which slora does not "
@@ -187,11 +205,17 @@ def _apply_config_targets(
     ``modules_to_save`` are ignored, with a warning; ``modules_to_save`` overlapping a LoRA
     target is refused (the file would both replace and adapt one module)."""
     targets, excluded = config.get("target_modules"), config.get("exclude_modules")
+    if targets == "all-linear":  # PEFT's shorthand: every linear layer (the file's are)
+        targets = None
+    layers = config.get("layers_to_transform")
+    if isinstance(layers, int):
+        layers = [layers]
     dropped = [
         n
         for n in a
         if (targets is not None and not _peft_targets(targets, n))
         or (excluded is not None and _peft_targets(excluded, n))
+        or (layers is not None and _layer_index(n, config.get("layers_pattern")) not in layers)
     ]
     saved = config.get("modules_to_save") or []
     if isinstance(saved, str):

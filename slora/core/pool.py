@@ -29,7 +29,12 @@ from slora.core.checks import finite_number, whole_number
 from slora.core.peft_io import read_adapter
 from slora.core.targets import find_targets, foreign_lora_modules, linear_dims
 from slora.core.transaction import transaction
-from slora.core.wrappers import drop_bypassed, guard_module_hooks, unwrap
+from slora.core.wrappers import (
+    drop_bypassed,
+    guard_module_hooks,
+    keep_forward_called,
+    unwrap,
+)
 
 POOL_ATTR = "_slora_pool"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -164,6 +169,7 @@ class AdapterPool:
             targets[name].register_forward_hook(self._make_hook(name), with_kwargs=True)
             for name in self._packed
         ]
+        self._undo_fused = keep_forward_called(model, list(self._packed))
         setattr(model, POOL_ATTR, self)
 
     # -- lookups ------------------------------------------------------------------------------
@@ -424,7 +430,9 @@ class AdapterPool:
                 raise RuntimeError(f"adapters {sorted(self.in_use)} are in use")
             for handle in self._handles:
                 handle.remove()
-            self._handles = []
+            for undo in self._undo_fused:
+                undo()
+            self._handles, self._undo_fused = [], []
             self._records.clear()
             self._packed.clear()
             if getattr(self.model, POOL_ATTR, None) is self:

@@ -12,6 +12,7 @@ the fused path, the fused path is switched off for that layer.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 from torch import nn
 
@@ -89,22 +90,33 @@ def _no_op(module: nn.Module, args: tuple) -> None:
     return None
 
 
-def keep_forward_called(model: nn.Module, names: list[str]) -> list:
-    """Switch off ``nn.TransformerEncoderLayer``'s fused inference path for the layers that
-    hold one of ``names`` (the fused path reads linear1/linear2's weights without calling
-    them; any forward pre-hook makes torch take the regular path).  Returns the hook handles."""
-    handles = []
+def keep_forward_called(model: nn.Module, names: list[str]) -> list[Callable[[], None]]:
+    """Keep torch's fused transformer paths from bypassing the modules ``names``.
+
+    ``nn.TransformerEncoderLayer`` in inference reads linear1/linear2's weights without
+    calling them unless a hook is attached (torch checks for any): the layers that hold a
+    target get a no-op forward pre-hook.  ``nn.TransformerEncoder`` turns padded batches into
+    nested tensors, which linear layers with adapters or statistics cannot take row by row:
+    the encoders that hold a target stop doing so.  Returns the undo callables.
+    """
+    undo: list[Callable[[], None]] = []
     seen: set[int] = set()
     for name in names:
         parts = name.split(".")
         for cut in range(len(parts) - 1, -1, -1):
             parent = model.get_submodule(".".join(parts[:cut])) if cut else model
+            if id(parent) in seen:
+                continue
             if isinstance(parent, nn.TransformerEncoderLayer):
-                if id(parent) not in seen:
-                    seen.add(id(parent))
-                    handles.append(parent.register_forward_pre_hook(_no_op))
-                break
-    return handles
+                seen.add(id(parent))
+                undo.append(parent.register_forward_pre_hook(_no_op).remove)
+            elif isinstance(parent, nn.TransformerEncoder) and getattr(
+                parent, "use_nested_tensor", False
+            ):
+                seen.add(id(parent))
+                parent.use_nested_tensor = False
+                undo.append(lambda p=parent: setattr(p, "use_nested_tensor", True))
+    return undo
 
 
 def guard_module_hooks() -> None:
