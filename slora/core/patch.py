@@ -196,7 +196,7 @@ def patch(
     A ``torch.compile``-d or ``DataParallel`` model is patched underneath (the wrapper sees
     the change); a DistributedDataParallel one is refused (patch before wrapping).
     """
-    refuse_ddp(model, "slora.patch")
+    refuse_ddp(model, "patch")
     wrapper, model = model, unwrap(model)
     check_patchable(model)
     if adapter_dtype is not None:
@@ -249,7 +249,7 @@ def apply_plan(
     tx: Transaction | None = None,
 ) -> dict[str, LoraLinear]:
     """Check everything, then insert the LoRA layers through one transaction; returns them."""
-    refuse_ddp(model, "slora.load_adapter")
+    refuse_ddp(model, "load_adapter")
     model = unwrap(model)
     check_patchable(model)
     lora_dropout = finite_number("lora_dropout", lora_dropout, minimum=0.0)

@@ -25,6 +25,7 @@ from slora.core.checks import finite_number, read_json, whole_number
 from slora.core.dist import full_tensor, sharded_parameters, wait_for_writer, writes_files
 from slora.core.files import write_files
 from slora.core.patch import apply_plan, get_state, lora_layers, plan_for_ranks
+from slora.core.peft_config import check_supported, outside_config, pattern_value
 from slora.core.quantized import unsupported_message
 from slora.core.targets import is_linear_like, linear_dims
 from slora.core.transaction import transaction
@@ -125,129 +126,6 @@ class AdapterFile:
     extra: dict[str, torch.Tensor]  # modules_to_save tensors, keyed "<module>.<param>"
 
 
-def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
-    """PEFT's rule: the first key k with re.match(r"(.*\\.)?(k)$", name) wins."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
-def _peft_targets(value: Any, name: str) -> bool:
-    """PEFT's ``target_modules`` / ``exclude_modules`` rule: a string is a regular expression
-    matched against the whole name, a list holds names matched exactly or as a suffix."""
-    if isinstance(value, str):
-        return re.fullmatch(value, name) is not None
-    return any(name == t or name.endswith("." + t) for t in value)
-
-
-def _layer_index(name: str, pattern: Any) -> int | None:
-    """The layer number in ``name`` (PEFT's ``layers_to_transform`` rule): the number after
-    a ``layers_pattern`` component (default: any of layers / layer / h / blocks / block)."""
-    if isinstance(pattern, str):
-        pattern = [pattern]
-    names = "|".join(map(re.escape, pattern or ["layers", "layer", "h", "blocks", "block"]))
-    match = re.match(rf"(?:.*\.)?(?:{names})\.(\d+)\.", name)
-    return int(match.group(1)) if match else None
-
-
-def _check_supported(config: dict[str, Any], keys: list[str], where: str) -> None:
-    """Refuse by name the PEFT LoRA variants slora does not implement (their extra weights
-    would otherwise be dropped or misapplied silently)."""
-    unsupported = []
-    if config.get("use_dora") or any("lora_magnitude_vector" in k for k in keys):
-        unsupported.append("DoRA (use_dora / lora_magnitude_vector)")
-    if config.get("lora_bias") or any(re.search(r"\.lora_B(\.[^.]+)?\.bias$", k) for k in keys):
-        unsupported.append("a bias on lora_B (lora_bias)")
-    if any("lora_embedding_" in k for k in keys):
-        unsupported.append("LoRA on embedding layers (lora_embedding_A / lora_embedding_B)")
-    if config.get("layer_replication"):
-        unsupported.append("layer_replication")
-    if config.get("bias", "none") not in (None, "none"):
-        unsupported.append(f"bias={config['bias']!r} (trained base-layer biases)")
-    if config.get("trainable_token_indices") or any("trainable_tokens" in k for k in keys):
-        unsupported.append("trainable tokens (trainable_token_indices)")
-    if config.get("target_parameters"):
-        unsupported.append("LoRA on parameters (target_parameters)")
-    if config.get("alora_invocation_tokens"):
-        unsupported.append("activated LoRA (alora_invocation_tokens)")
-    if unsupported:
-        raise ValueError(
-            f"{where}: this adapter uses {', '.join(unsupported)}, which slora does not "
-            "implement (plain LoRA on nn.Linear / Conv1D only); load it with PEFT instead"
-        )
-    for field_name in ("target_modules", "exclude_modules", "modules_to_save"):
-        value = config.get(field_name)
-        ok = (
-            value is None
-            or isinstance(value, str)
-            or (isinstance(value, list) and all(isinstance(t, str) for t in value))
-        )
-        if not ok:
-            raise ValueError(
-                f"{where}: {field_name} must be a regular expression or a list of module "
-                f"names, got {value!r}"
-            )
-        if isinstance(value, str) and field_name != "modules_to_save":
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(
-                    f"{where}: {field_name} {value!r} is not a valid regular expression ({exc})"
-                ) from None
-
-
-def _apply_config_targets(
-    config: dict[str, Any], a: dict, b: dict, extra: dict, where: str
-) -> None:
-    """What PEFT applies is decided by the config: LoRA tensors of modules outside
-    ``target_modules`` (or inside ``exclude_modules``) and full tensors of modules outside
-    ``modules_to_save`` are ignored, with a warning; ``modules_to_save`` overlapping a LoRA
-    target is refused (the file would both replace and adapt one module)."""
-    targets, excluded = config.get("target_modules"), config.get("exclude_modules")
-    if targets == "all-linear":  # PEFT's shorthand: every linear layer (the file's are)
-        targets = None
-    layers = config.get("layers_to_transform")
-    if isinstance(layers, int):
-        layers = [layers]
-    dropped = [
-        n
-        for n in a
-        if (targets is not None and not _peft_targets(targets, n))
-        or (excluded is not None and _peft_targets(excluded, n))
-        or (layers is not None and _layer_index(n, config.get("layers_pattern")) not in layers)
-    ]
-    saved = config.get("modules_to_save") or []
-    if isinstance(saved, str):
-        saved = [saved]
-    overlap = [n for n in a if n not in dropped and _peft_targets(saved, n)]
-    overlap += [k for k in extra if k.rsplit(".", 1)[0] in a and k.rsplit(".", 1)[0] not in dropped]
-    if overlap:
-        raise ValueError(
-            f"{where}: modules_to_save overlaps the LoRA targets ({', '.join(overlap[:4])}): "
-            "a module cannot be both replaced by a trained copy and adapted; fix the adapter's "
-            "config (PEFT refuses such a config too)"
-        )
-    stray = [k for k in extra if not _peft_targets(saved, k.rsplit(".", 1)[0])]
-    if dropped or stray:
-        warnings.warn(
-            f"{where}: the config's target_modules / modules_to_save do not cover "
-            f"{len(dropped) + len(stray)} tensor group(s) in the file "
-            f"({', '.join((dropped + stray)[:4])}); as PEFT does, they are not applied",
-            UserWarning,
-            stacklevel=3,
-        )
-    for n in dropped:
-        del a[n], b[n]
-    for k in stray:
-        del extra[k]
-    if not a:
-        raise ValueError(
-            f"{where}: no LoRA tensor in the file belongs to the config's target_modules "
-            f"{targets!r}"
-        )
-
-
 def read_adapter(adapter_dir: str | Path, base_model: nn.Module | None = None) -> AdapterFile:
     """Read and validate a PEFT LoRA adapter directory without touching any model.
 
@@ -302,7 +180,7 @@ def read_adapter(adapter_dir: str | Path, base_model: nn.Module | None = None) -
             header = {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types on corruption
         raise ValueError(f"{weights}: corrupt or truncated safetensors file ({exc})") from exc
-    _check_supported(config, list(header), str(path))
+    check_supported(config, list(header), str(path))
     bad = {k: dt for k, (dt, _) in header.items() if dt not in _FLOAT_DTYPES}
     if bad:
         raise ValueError(f"{weights}: tensors must be floating point, got {bad}")
@@ -328,7 +206,7 @@ def read_adapter(adapter_dir: str | Path, base_model: nn.Module | None = None) -
         raise ValueError(f"{weights}: lora_A/lora_B pairs incomplete for {', '.join(missing[:5])}")
     if not a:
         raise ValueError(f"{weights}: no lora_A/lora_B tensors found")
-    _apply_config_targets(config, a, b, extra, str(path))
+    dropped, stray = outside_config(config, a, extra, str(path))
     ranks, scales = {}, {}
     for name in a:
         if a[name].dim() != 2 or b[name].dim() != 2 or a[name].shape[0] != b[name].shape[1]:
@@ -339,9 +217,12 @@ def read_adapter(adapter_dir: str | Path, base_model: nn.Module | None = None) -
         r = int(a[name].shape[0])
         if r == 0:
             raise ValueError(f"{weights}: {name} has rank 0 (empty lora_A/lora_B)")
+        if name in dropped:  # not applied: checked against the model only
+            ranks[name], scales[name] = r, 1.0
+            continue
         expected_r = whole_number(
             f"rank_pattern value for {name!r}",
-            _pattern_value(patterns["rank_pattern"], name, config["r"]),
+            pattern_value(patterns["rank_pattern"], name, config["r"]),
             minimum=1,
             where=str(cfg_path),
         )
@@ -349,15 +230,28 @@ def read_adapter(adapter_dir: str | Path, base_model: nn.Module | None = None) -
             raise ValueError(f"{weights}: {name} has rank {r}, the config says {expected_r}")
         alpha = finite_number(
             f"alpha_pattern value for {name!r}",
-            _pattern_value(patterns["alpha_pattern"], name, config["lora_alpha"]),
+            pattern_value(patterns["alpha_pattern"], name, config["lora_alpha"]),
             positive=True,
             where=str(cfg_path),
         )
         ranks[name] = r
         scales[name] = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
     adapter = AdapterFile(config, a, b, ranks, scales, extra)
-    if base_model is not None:
+    if base_model is not None:  # every tensor must fit the model, applied or not
         check_against_model(adapter, base_model)
+    if dropped or stray:
+        warnings.warn(
+            f"{path}: the config's target_modules / modules_to_save do not cover "
+            f"{len(dropped) + len(stray)} tensor group(s) in the file "
+            f"({', '.join((dropped + stray)[:4])}); as PEFT does, they are not applied",
+            UserWarning,
+            stacklevel=2,
+        )
+    for name in dropped:
+        for group in (adapter.a, adapter.b, adapter.ranks, adapter.scales):
+            del group[name]
+    for key in stray:
+        del adapter.extra[key]
     # Pass 2: everything checked; now read the tensors.
     try:
         with safe_open(str(weights), framework="pt") as f:
@@ -410,7 +304,7 @@ def load_adapter(base_model: nn.Module, adapter_dir: str | Path) -> nn.Module:
 
     A ``torch.compile``-d or DataParallel model is patched underneath and returned as given;
     a DistributedDataParallel one is refused (load before wrapping)."""
-    refuse_ddp(base_model, "slora.load_adapter")
+    refuse_ddp(base_model, "load_adapter")
     wrapper, base_model = base_model, unwrap(base_model)
     adapter = read_adapter(adapter_dir, base_model)
     saved = sorted({key.rsplit(".", 1)[0] for key in adapter.extra})

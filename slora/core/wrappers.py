@@ -43,7 +43,8 @@ def refuse_ddp(model: nn.Module, what: str) -> None:
     would never have their gradients synchronised."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise ValueError(
-            f"{what} adds trainable parameters, which a DistributedDataParallel built before "
+            f"slora's {what} adds trainable parameters, which a DistributedDataParallel built "
+            "before "
             "would never synchronise: call it on the plain model (ddp.module, or the model "
             "before wrapping), then wrap the result in DistributedDataParallel"
         )
