@@ -60,8 +60,10 @@ def _analyze(args: argparse.Namespace) -> int:
     )
     if args.out:
         from slora.core.files import write_analysis
+        from slora.core.plots import plot_report
 
-        written = write_analysis(Path(args.out), report, plan)  # all three or none
+        plot = lambda path: plot_report(report, plan.ranks, path)  # noqa: E731
+        written = write_analysis(Path(args.out), report, plan, plot)  # all three or none
         print(f"wrote {', '.join(map(str, written))}")
     return 0
 

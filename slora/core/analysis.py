@@ -33,6 +33,7 @@ from slora.core.batches import (
     join_anchor,
     move_to,
     padding_mask,
+    refuse_inference_parameters,
 )
 from slora.core.checks import whole_number
 from slora.core.metrics import ESTIMATORS, MatrixStats, combine, matrix_metrics
@@ -259,12 +260,7 @@ def analyze(
             UserWarning,
             stacklevel=2,
         )
-    if estimator != "activation" and any(p.is_inference() for p in model.parameters()):
-        raise ValueError(
-            f"slora.analyze: the model's parameters were made under torch.inference_mode(), and "
-            f"autograd cannot use them (estimator={estimator!r} needs a backward): load the "
-            "model outside inference mode, or use estimator='activation'"
-        )
+    refuse_inference_parameters(model, estimator)
     device = _device_of(model)
     forward_only = loss_fn or call_model
     loss_fn = loss_fn or default_loss

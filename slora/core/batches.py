@@ -72,6 +72,17 @@ def join_anchor(calib: Any):
     return hook
 
 
+def refuse_inference_parameters(model: nn.Module, estimator: str) -> None:
+    """Gradient estimators need a backward, which parameters made under inference mode
+    cannot take part in."""
+    if estimator != "activation" and any(p.is_inference() for p in model.parameters()):
+        raise ValueError(
+            f"slora.analyze: the model's parameters were made under torch.inference_mode(), and "
+            f"autograd cannot use them (estimator={estimator!r} needs a backward): load the "
+            "model outside inference mode, or use estimator='activation'"
+        )
+
+
 def padding_mask(batch: Any) -> Tensor | None:
     """The batch's ``attention_mask`` ([batch, seq], 1 = real token), None if it has none;
     a tuple batch that looks padded, or a mask of another shape, is refused."""

@@ -90,17 +90,15 @@ def write_json(path: str | Path, data: Any) -> Path:
     return path
 
 
-def write_analysis(out: str | Path, report: Any, plan: Any) -> list[Path]:
-    """``slora analyze --out``: sensitivity.json, plan.json and sensitivity.png in ``out``,
-    all three or none (a failure leaves the previous ones intact)."""
-    from slora.core.plots import plot_report
-
+def write_analysis(out: str | Path, report: Any, plan: Any, plot: Writer) -> list[Path]:
+    """``slora analyze --out``: sensitivity.json, plan.json and sensitivity.png (written by
+    ``plot(path)``) in ``out``, all three or none (a failure leaves the previous ones intact)."""
     report_json = json.dumps(report.to_dict(), indent=2)
     plan_json = json.dumps(plan.to_dict(), indent=2)
     writers: dict[str, Writer] = {
         "sensitivity.json": lambda tmp: tmp.write_text(report_json),
         "plan.json": lambda tmp: tmp.write_text(plan_json),
-        "sensitivity.png": lambda tmp: plot_report(report, plan.ranks, tmp),
+        "sensitivity.png": plot,
     }
     write_files(out, writers)
     return [Path(out) / name for name in writers]
