@@ -59,14 +59,12 @@ def _analyze(args: argparse.Namespace) -> int:
         f"(avg_rank={args.avg_rank}, budget={args.budget})"
     )
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        report.to_json(out / "sensitivity.json")
-        plan.to_json(out / "plan.json")
+        from slora.core.files import write_analysis
         from slora.core.plots import plot_report
 
-        plot_report(report, plan.ranks, out / "sensitivity.png")
-        print(f"wrote {out / 'sensitivity.json'}, {out / 'plan.json'}, {out / 'sensitivity.png'}")
+        plot = lambda path: plot_report(report, plan.ranks, path)  # noqa: E731
+        written = write_analysis(Path(args.out), report, plan, plot)  # all three or none
+        print(f"wrote {', '.join(map(str, written))}")
     return 0
 
 

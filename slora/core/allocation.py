@@ -10,13 +10,13 @@ so a rank budget is met exactly and ranks stay monotone in θ.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from slora.core.checks import finite_number, read_json, whole_number
+from slora.core.files import write_json
 from slora.core.report import SensitivityReport
 
 METHODS = ("sra", "uniform", "pra")
@@ -52,7 +52,7 @@ class RankPlan:
         }
 
     def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+        write_json(path, self.to_dict())  # beside, then renamed in: never half a file
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "RankPlan") -> RankPlan:

@@ -15,6 +15,7 @@ per matrix (8× a 4-bit weight) and each layer input until the backward.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
@@ -25,42 +26,22 @@ from torch import Tensor, nn
 
 from slora import ops
 from slora.core import quantized
+from slora.core.batches import (
+    call_model,
+    checked_stats,
+    default_loss,
+    join_anchor,
+    move_to,
+    padding_mask,
+    refuse_inference_parameters,
+)
 from slora.core.checks import whole_number
 from slora.core.metrics import ESTIMATORS, MatrixStats, combine, matrix_metrics
 from slora.core.report import SensitivityReport
 from slora.core.targets import find_targets, linear_dims
+from slora.core.wrappers import drop_bypassed, keep_forward_called, unwrap
 
 LossFn = Callable[[nn.Module, Any], Tensor]
-
-
-def default_loss(model: nn.Module, batch: Any) -> Tensor:
-    """``model(**batch).loss`` for dict batches (transformers models)."""
-    out = call_model(model, batch)
-    loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
-    if loss is None:
-        raise ValueError(
-            "the model returned no loss: put labels in each batch, or pass "
-            "loss_fn=lambda model, batch: ... returning a scalar"
-        )
-    return loss
-
-
-def call_model(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
-def move_to(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: move_to(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(move_to(v, device) for v in batch)
-    return batch
 
 
 class _MatrixCollector:
@@ -70,6 +51,8 @@ class _MatrixCollector:
         self.d_in, self.d_out = linear_dims(module)
         self.estimator = estimator
         f32 = dict(dtype=torch.float32, device=device)
+        self.calls = self.hooked = self.fired = 0  # this batch's forwards / dy hooks
+        self.ever_hooked = self.ever_fired = False
         self.total = MatrixStats(self.d_in, self.d_out, torch.zeros(self.d_in, **f32))
         self.batch = MatrixStats(self.d_in, self.d_out, torch.zeros(self.d_in, **f32))
         if estimator != "activation":
@@ -86,11 +69,14 @@ class _MatrixCollector:
         for t in self.buffers(self.batch):
             t.zero_()
         self.batch.tokens = 0
+        self.calls = self.hooked = self.fired = 0
 
     def commit_batch(self) -> None:
         for total, part in zip(self.buffers(self.total), self.buffers(self.batch)):
             total += part
         self.total.tokens += self.batch.tokens
+        self.ever_hooked |= self.hooked > 0
+        self.ever_fired |= self.fired > 0
 
     def batch_checksum(self) -> Tensor:
         return sum(t.double().sum() for t in self.buffers(self.batch))
@@ -114,7 +100,7 @@ class _Calibration:
 
     def set_batch(self, batch: Any, device: torch.device) -> int:
         """Record the batch's padding mask; returns its number of real tokens (-1: no mask)."""
-        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        mask = padding_mask(batch)
         self.last_input = None
         for c in self.collectors.values():
             c.reset_batch()
@@ -140,10 +126,25 @@ class _Calibration:
             x = args[0] if args else kwargs.get("input", kwargs.get("x"))
             x2 = x.detach().reshape(-1, collector.d_in)
             row_mask, tokens = self._row_mask(x)
-            collector.batch.tokens += tokens
-            x_token_sq = self.input_stats(x, x2, row_mask, collector.batch.col_sq)
-            if self.estimator == "activation" or not torch.is_grad_enabled():
-                return None
+            if torch._C._current_graph_task_id() != -1:
+                # Inside the backward: activation checkpointing recomputes this forward.  Its
+                # input was counted in the first pass; its dy is hooked once per first-pass
+                # call (here only when the first pass ran without gradients: reentrant).
+                if (
+                    self.estimator == "activation"
+                    or not torch.is_grad_enabled()
+                    or collector.hooked >= collector.calls
+                ):
+                    return None
+                scratch = torch.zeros_like(collector.batch.col_sq)
+                x_token_sq = ops.accumulate_input_stats(x2, row_mask, scratch, self.backend)
+            else:
+                collector.calls += 1
+                collector.batch.tokens += tokens
+                x_token_sq = self.input_stats(x, x2, row_mask, collector.batch.col_sq)
+                if self.estimator == "activation" or not torch.is_grad_enabled():
+                    return None
+            collector.hooked += 1
             if not output.requires_grad:
                 # The frozen model before this layer gives nothing to differentiate: join the
                 # graph through a zero scalar so that dy still reaches this layer's hook.
@@ -151,6 +152,7 @@ class _Calibration:
             saved_x = x2 if self.estimator == "fisher_exact" else None
 
             def grad_hook(dy: Tensor) -> None:
+                collector.fired += 1
                 dy2 = dy.detach().reshape(-1, collector.d_out)
                 stats = collector.batch
                 ops.accumulate_grad_stats(
@@ -170,13 +172,16 @@ class _Calibration:
         """Accumulate Σ x² into ``col_sq`` and return ‖x_t‖²; modules reading the same input
         tensor (q/k/v, gate/up) reuse the reduction of the first one."""
         last = self.last_input
-        if last is not None and last[0] is x and last[1] == x._version:
+        if x.is_inference():  # no version counter: an in-place change would go unseen
+            last = self.last_input = None
+        elif last is not None and last[0] is x and last[1] == x._version:
             col_sq += last[2]
             return last[3]
         partial = torch.zeros_like(col_sq)
         token_sq = ops.accumulate_input_stats(x2, row_mask, partial, backend=self.backend)
         col_sq += partial
-        self.last_input = (x, x._version, partial, token_sq)
+        if not x.is_inference():
+            self.last_input = (x, x._version, partial, token_sq)
         return token_sq
 
     def batch_is_finite(self) -> bool:
@@ -243,7 +248,9 @@ def analyze(
             "data must be an iterable of batches (e.g. a list of dicts or a DataLoader), "
             f"not a single {type(data).__name__}; wrap it in a list"
         )
+    model = unwrap(model)  # torch.compile / DataParallel / DDP: hooks on the modules that run
     targets = find_targets(model, target_modules)
+    targets = drop_bypassed(model, targets, target_modules is not None, "analyze")
     if estimator == "fisher_exact" and any(quantized.is_quantized(m) for m in targets.values()):
         mib = sum(4 * d_in * d_out for d_in, d_out in map(linear_dims, targets.values())) / 2**20
         warnings.warn(
@@ -253,11 +260,13 @@ def analyze(
             UserWarning,
             stacklevel=2,
         )
+    refuse_inference_parameters(model, estimator)
     device = _device_of(model)
     forward_only = loss_fn or call_model
     loss_fn = loss_fn or default_loss
-    calib = _Calibration(targets, estimator, backend)
-    calib.anchor = torch.zeros((), device=device, requires_grad=True)
+    with torch.inference_mode(False):  # ordinary tensors, written in either mode
+        calib = _Calibration(targets, estimator, backend)
+        calib.anchor = torch.zeros((), device=device, requires_grad=True)
     was_training = model.training
     grad_flags = {p: p.requires_grad for p in model.parameters()}
     total_batches = len(data) if hasattr(data, "__len__") else None
@@ -271,12 +280,21 @@ def analyze(
         for name, module in targets.items():
             handle = module.register_forward_hook(calib.forward_hook(name), with_kwargs=True)
             stack.callback(handle.remove)
+        for undo in keep_forward_called(model, list(targets)):
+            stack.callback(undo)
+        if estimator != "activation":
+            # Autograd is needed whatever the caller's mode (torch.no_grad(), inference_mode).
+            stack.enter_context(torch.inference_mode(False))
+            stack.enter_context(torch.enable_grad())
+            for module in model.modules():  # dy must reach layers inside reentrant checkpoints
+                if isinstance(module, nn.Embedding):
+                    handle = module.register_forward_hook(join_anchor(calib))
+                    stack.callback(handle.remove)
         model.eval()
         for p in grad_flags:
             p.requires_grad_(False)
-        for i, batch in enumerate(_progress(data, total_batches, progress, "slora calibration")):
-            if max_batches is not None and i >= max_batches:
-                break
+        batches = data if max_batches is None else itertools.islice(data, max_batches)
+        for i, batch in enumerate(_progress(batches, total_batches, progress, "slora calibration")):
             batch = move_to(batch, device)
             real_tokens = calib.set_batch(batch, device)
             if real_tokens == 0:
@@ -292,6 +310,15 @@ def analyze(
                     raise TypeError(
                         f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
                         + (f" of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else "")
+                    )
+                if not loss.requires_grad:
+                    raise ValueError(
+                        "slora.analyze: the loss does not require grad, so no gradient can "
+                        f"reach the target modules (estimator={estimator!r} needs one): it was "
+                        "computed without gradients (under torch.no_grad() or "
+                        "torch.inference_mode() inside loss_fn, or detached), or it does not "
+                        "depend on any target module. Return a loss computed with gradients, "
+                        "or use estimator='activation', which needs none"
                     )
                 ok = bool(torch.isfinite(loss.detach()))
                 if ok:
@@ -322,7 +349,7 @@ def analyze(
             else "the calibration data is empty"
         )
         raise ValueError(f"slora.analyze: no usable calibration batch: {reason}")
-    stats = {name: c.total for name, c in calib.collectors.items()}
+    stats = checked_stats(calib, estimator)
     if num_tokens == 0:
         num_tokens = max(s.tokens for s in stats.values())
     return build_report(estimator, num_tokens, stats, topk_frac=topk_frac, alpha=alpha)

@@ -169,6 +169,12 @@ class LoraGroup:
         """This layer's ``x A_sᵀ`` (in the LoRA dtype), or None to let the layer compute it."""
         if not self.enabled:
             return None
+        if not torch.compiler.is_compiling() and x.is_inference():
+            # An inference tensor (made under torch.inference_mode()) has no version counter,
+            # so an in-place change between the siblings' calls could not be seen: each layer
+            # computes its own shrink (the same result; grouping resumes outside).
+            self._release()
+            return None
         if self._pending:
             if x is self._input and self._unmodified(x) and id(layer) in self._pending:
                 self._pending.discard(id(layer))

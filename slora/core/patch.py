@@ -27,6 +27,7 @@ from slora.core.layer import LoraLinear
 from slora.core.layer import group_shared_inputs as make_lora_groups
 from slora.core.targets import foreign_lora_modules, is_linear_like, linear_dims, tied_weights
 from slora.core.transaction import Transaction, transaction
+from slora.core.wrappers import bypassed_forward, keep_forward_called, refuse_ddp, unwrap
 
 STATE_ATTR = "_slora_state"
 
@@ -42,6 +43,7 @@ class PatchState:
     modules_to_save: list[str] = field(default_factory=list)
     originals: dict[str, dict[str, Any]] = field(default_factory=dict)
     merged: bool = False
+    undo_fused: list[Any] = field(default_factory=list)  # undoes keep_forward_called
 
 
 def scales_for(ranks: dict[str, int], lora_alpha: float | None, use_rslora: bool):
@@ -59,7 +61,7 @@ def scales_for(ranks: dict[str, int], lora_alpha: float | None, use_rslora: bool
 
 
 def get_state(model: nn.Module) -> PatchState:
-    state = getattr(model, STATE_ATTR, None)
+    state = getattr(unwrap(model), STATE_ATTR, None)
     if state is None:
         raise ValueError("this model is not patched by slora (call slora.patch first)")
     return state
@@ -116,6 +118,12 @@ def _validate_plan(model: nn.Module, plan: RankPlan) -> dict[str, nn.Module]:
         if not is_linear_like(module):
             message = quantized.unsupported_message(name, module)
             raise ValueError(f"the plan names a module it cannot adapt: {message}")
+        bypass = bypassed_forward(model, name) if rank > 0 else None
+        if bypass is not None:
+            raise ValueError(
+                f"the plan gives a rank to {name!r}, whose forward never runs ({bypass}): "
+                "its adapter would be silently ignored. Give it rank 0 or leave it out"
+            )
         d_in, d_out = linear_dims(module)
         if name in plan.dims and tuple(plan.dims[name]) != (d_in, d_out):
             raise ValueError(
@@ -184,7 +192,12 @@ def patch(
     LoRA weights take each base layer's compute dtype (fp16/bf16 promoted to fp32), or
     ``adapter_dtype``; quantized bases (bitsandbytes 4-/8-bit, torchao, other quantized linear
     layers) are patched like float ones (docs/qlora.md).
+
+    A ``torch.compile``-d or ``DataParallel`` model is patched underneath (the wrapper sees
+    the change); a DistributedDataParallel one is refused (patch before wrapping).
     """
+    refuse_ddp(model, "patch")
+    wrapper, model = model, unwrap(model)
     check_patchable(model)
     if adapter_dtype is not None:
         quantized.check_adapter_dtype(adapter_dtype)
@@ -220,7 +233,7 @@ def patch(
         group_shared_inputs=group_shared_inputs,
         adapter_dtype=adapter_dtype,
     )
-    return model
+    return wrapper
 
 
 def apply_plan(
@@ -236,6 +249,8 @@ def apply_plan(
     tx: Transaction | None = None,
 ) -> dict[str, LoraLinear]:
     """Check everything, then insert the LoRA layers through one transaction; returns them."""
+    refuse_ddp(model, "load_adapter")
+    model = unwrap(model)
     check_patchable(model)
     lora_dropout = finite_number("lora_dropout", lora_dropout, minimum=0.0)
     if lora_dropout >= 1.0:
@@ -256,7 +271,9 @@ def apply_plan(
         modules_to_save=saved,
         originals={n: copy.deepcopy(all_modules[n].state_dict()) for n in saved},
     )
-    with transaction(tx) as tx:
+    with transaction(tx) as tx, torch.inference_mode(False):
+        # (inference_mode off: adapters made inside it would be inference tensors, which can
+        # be neither trained nor written outside it)
         for param in model.parameters():
             tx.set_requires_grad(param, False)
         # gradients must cross quantized layers correctly (see quantized.keep_gradients)
@@ -275,6 +292,8 @@ def apply_plan(
             layer.lora_B.requires_grad_(True)
         if group_shared_inputs:
             make_lora_groups(layers)
+        state.undo_fused = keep_forward_called(model, list(layers))
+        tx.on_undo(lambda: [undo() for undo in state.undo_fused])
         tx.set_attr(model, STATE_ATTR, state)
     return layers
 
@@ -288,6 +307,7 @@ def merge(model: nn.Module, *, dequantize: bool = False) -> nn.Module:
     becomes a float nn.Linear (compute dtype) holding dequant(W) + scale·B A — the merged model
     equals the adapted one, at float memory for those layers.  All or nothing.
     """
+    wrapper, model = model, unwrap(model)
     state = get_state(model)
     layers = lora_layers(model)
     _check_quantized_merge(layers, dequantize)
@@ -322,7 +342,7 @@ def merge(model: nn.Module, *, dequantize: bool = False) -> nn.Module:
                     tx.modify_tensor(layer.base_layer.weight).add_(delta)
             tx.set_attr(layer, "merged", True)
         tx.set_attr(state, "merged", True)
-    return model
+    return wrapper
 
 
 def _check_quantized_merge(layers: dict[str, LoraLinear], dequantize: bool) -> None:
@@ -350,6 +370,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     After :func:`merge` the merged weights (and trained ``modules_to_save``) stay; otherwise the
     model is exactly the base model again.  All or nothing.
     """
+    wrapper, model = model, unwrap(model)
     state = get_state(model)
     with transaction() as tx:
         for name, layer in lora_layers(model).items():
@@ -363,7 +384,9 @@ def unpatch(model: nn.Module) -> nn.Module:
         for name, param in model.named_parameters():
             tx.set_requires_grad(param, state.requires_grad.get(name, param.requires_grad))
         tx.del_attr(model, STATE_ATTR)
-    return model
+        for undo in state.undo_fused:
+            undo()
+    return wrapper
 
 
 def trainable_parameters(model: nn.Module) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,13 @@ from torch import nn
 
 from slora.core.checks import finite_number, read_json, whole_number
 from slora.core.dist import full_tensor, sharded_parameters, wait_for_writer, writes_files
+from slora.core.files import write_files
 from slora.core.patch import apply_plan, get_state, lora_layers, plan_for_ranks
+from slora.core.peft_config import check_supported, outside_config, pattern_value
 from slora.core.quantized import unsupported_message
 from slora.core.targets import is_linear_like, linear_dims
 from slora.core.transaction import transaction
+from slora.core.wrappers import canonical_name, refuse_ddp, unwrap
 
 _FLOAT_DTYPES = {
     "F16": torch.float16,
@@ -44,16 +48,22 @@ def save_adapter(model: nn.Module, out_dir: str | Path, *, fold_scale: bool = Tr
     ``fold_scale=False`` keeps B unscaled and writes the scales as ``alpha_pattern`` instead
     (PEFT reproduces it; servers that read only the global alpha do not).  A model sharded by
     FSDP2 (DTensor parameters) is gathered: call this on every process; global rank 0 writes
-    one complete adapter and every process returns once it is written.
+    one complete adapter and every process returns once it is written.  A
+    ``torch.compile``-d, DataParallel or DDP model is saved under the plain model's names.
+    Both files are written beside their final names and renamed in together: a failure at any
+    point leaves a previous adapter in ``out_dir`` intact.
     """
     from safetensors.torch import save_file
 
+    model = unwrap(model)
     state = get_state(model)
-    layers = lora_layers(model)
+    layers = {canonical_name(n): m for n, m in lora_layers(model).items()}
     if state.merged:
         raise ValueError("the adapters are merged into the base weights; save before slora.merge")
     sharded = bool(sharded_parameters(model))
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"save_adapter: {str(out)!r} exists and is not a directory")
     tensors: dict[str, torch.Tensor] = {}
     ranks, alphas = {}, {}
     for name, layer in layers.items():  # the same order on every process: gathers pair up
@@ -69,7 +79,9 @@ def save_adapter(model: nn.Module, out_dir: str | Path, *, fold_scale: bool = Tr
         ranks[name] = layer.rank
     for name in state.modules_to_save:
         for key, value in model.get_submodule(name).state_dict().items():
-            tensors[f"{PREFIX}{name}.{key}"] = full_tensor(value.detach()).contiguous()
+            tensors[f"{PREFIX}{canonical_name(name)}.{key}"] = full_tensor(
+                value.detach()
+            ).contiguous()
     r = max(ranks.values())
     config = {
         "peft_type": "LORA",
@@ -85,14 +97,19 @@ def save_adapter(model: nn.Module, out_dir: str | Path, *, fold_scale: bool = Tr
         "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
         "lora_dropout": 0.0,
         "bias": "none",
-        "modules_to_save": list(state.modules_to_save) or None,
+        "modules_to_save": [canonical_name(n) for n in state.modules_to_save] or None,
         "init_lora_weights": True,
         "inference_mode": True,
     }
+    text = json.dumps(config, indent=2)
     if writes_files(sharded):
-        out.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-        (out / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        write_files(
+            out,
+            {
+                WEIGHTS_NAME: lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}),
+                CONFIG_NAME: lambda tmp: tmp.write_text(text),
+            },
+        )
     wait_for_writer(sharded)
     return out
 
@@ -107,14 +124,6 @@ class AdapterFile:
     ranks: dict[str, int]
     scales: dict[str, float]
     extra: dict[str, torch.Tensor]  # modules_to_save tensors, keyed "<module>.<param>"
-
-
-def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
-    """PEFT's rule: the first key k with re.match(r"(.*\\.)?(k)$", name) wins."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
 
 
 def read_adapter(adapter_dir: str | Path, base_model: nn.Module | None = None) -> AdapterFile:
@@ -171,6 +180,7 @@ def read_adapter(adapter_dir: str | Path, base_model: nn.Module | None = None) -
             header = {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types on corruption
         raise ValueError(f"{weights}: corrupt or truncated safetensors file ({exc})") from exc
+    check_supported(config, list(header), str(path))
     bad = {k: dt for k, (dt, _) in header.items() if dt not in _FLOAT_DTYPES}
     if bad:
         raise ValueError(f"{weights}: tensors must be floating point, got {bad}")
@@ -196,6 +206,7 @@ def read_adapter(adapter_dir: str | Path, base_model: nn.Module | None = None) -
         raise ValueError(f"{weights}: lora_A/lora_B pairs incomplete for {', '.join(missing[:5])}")
     if not a:
         raise ValueError(f"{weights}: no lora_A/lora_B tensors found")
+    dropped, stray = outside_config(config, a, extra, str(path))
     ranks, scales = {}, {}
     for name in a:
         if a[name].dim() != 2 or b[name].dim() != 2 or a[name].shape[0] != b[name].shape[1]:
@@ -206,9 +217,12 @@ def read_adapter(adapter_dir: str | Path, base_model: nn.Module | None = None) -
         r = int(a[name].shape[0])
         if r == 0:
             raise ValueError(f"{weights}: {name} has rank 0 (empty lora_A/lora_B)")
+        if name in dropped:  # not applied: checked against the model only
+            ranks[name], scales[name] = r, 1.0
+            continue
         expected_r = whole_number(
             f"rank_pattern value for {name!r}",
-            _pattern_value(patterns["rank_pattern"], name, config["r"]),
+            pattern_value(patterns["rank_pattern"], name, config["r"]),
             minimum=1,
             where=str(cfg_path),
         )
@@ -216,15 +230,28 @@ def read_adapter(adapter_dir: str | Path, base_model: nn.Module | None = None) -
             raise ValueError(f"{weights}: {name} has rank {r}, the config says {expected_r}")
         alpha = finite_number(
             f"alpha_pattern value for {name!r}",
-            _pattern_value(patterns["alpha_pattern"], name, config["lora_alpha"]),
+            pattern_value(patterns["alpha_pattern"], name, config["lora_alpha"]),
             positive=True,
             where=str(cfg_path),
         )
         ranks[name] = r
         scales[name] = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
     adapter = AdapterFile(config, a, b, ranks, scales, extra)
-    if base_model is not None:
+    if base_model is not None:  # every tensor must fit the model, applied or not
         check_against_model(adapter, base_model)
+    if dropped or stray:
+        warnings.warn(
+            f"{path}: the config's target_modules / modules_to_save do not cover "
+            f"{len(dropped) + len(stray)} tensor group(s) in the file "
+            f"({', '.join((dropped + stray)[:4])}); as PEFT does, they are not applied",
+            UserWarning,
+            stacklevel=2,
+        )
+    for name in dropped:
+        for group in (adapter.a, adapter.b, adapter.ranks, adapter.scales):
+            del group[name]
+    for key in stray:
+        del adapter.extra[key]
     # Pass 2: everything checked; now read the tensors.
     try:
         with safe_open(str(weights), framework="pt") as f:
@@ -273,7 +300,12 @@ def check_against_model(adapter: AdapterFile, model: nn.Module) -> None:
 
 
 def load_adapter(base_model: nn.Module, adapter_dir: str | Path) -> nn.Module:
-    """Patch ``base_model`` with a PEFT-format LoRA adapter (validated before any change)."""
+    """Patch ``base_model`` with a PEFT-format LoRA adapter (validated before any change).
+
+    A ``torch.compile``-d or DataParallel model is patched underneath and returned as given;
+    a DistributedDataParallel one is refused (load before wrapping)."""
+    refuse_ddp(base_model, "load_adapter")
+    wrapper, base_model = base_model, unwrap(base_model)
     adapter = read_adapter(adapter_dir, base_model)
     saved = sorted({key.rsplit(".", 1)[0] for key in adapter.extra})
     plan = plan_for_ranks(base_model, adapter.ranks)
@@ -287,4 +319,4 @@ def load_adapter(base_model: nn.Module, adapter_dir: str | Path) -> nn.Module:
                 layer.scale = adapter.scales[name]
             for key, value in adapter.extra.items():
                 tx.modify_tensor(params[key]).copy_(value)
-    return base_model
+    return wrapper

@@ -29,6 +29,12 @@ from slora.core.checks import finite_number, whole_number
 from slora.core.peft_io import read_adapter
 from slora.core.targets import find_targets, foreign_lora_modules, linear_dims
 from slora.core.transaction import transaction
+from slora.core.wrappers import (
+    drop_bypassed,
+    guard_module_hooks,
+    keep_forward_called,
+    unwrap,
+)
 
 POOL_ATTR = "_slora_pool"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -97,6 +103,10 @@ class AdapterPool:
     bytes of their A and B.  Loading past either limit evicts the least recently used adapters
     that no active ``use`` context needs (``load`` returns their names).  ``backend`` picks the
     ``multi_lora`` implementation (see :mod:`slora.ops`).
+
+    A ``torch.compile``-d, DataParallel or DDP model may be given (the pool hooks the model
+    underneath), and the model may be compiled before or after the pool is made: the hooks
+    run outside the compiled graph, so ``use`` takes effect at every call.
     """
 
     def __init__(
@@ -111,6 +121,7 @@ class AdapterPool:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        model = unwrap(model)
         foreign = foreign_lora_modules(model)
         if getattr(model, "_slora_state", None) is not None:
             foreign.insert(0, "slora.patch layers")
@@ -129,6 +140,7 @@ class AdapterPool:
         if dtype is not None and dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype}")
         targets = find_targets(model, target_modules)
+        targets = drop_bypassed(model, targets, target_modules is not None, "AdapterPool")
         self.model = model
         self.max_adapters = max_adapters
         self.memory_budget_bytes = memory_budget_bytes
@@ -152,10 +164,12 @@ class AdapterPool:
         self._in_use: dict[str, int] = {}
         self._lock = threading.RLock()
         self._local = threading.local()
+        guard_module_hooks()  # compiled code must see the hooks (slora/core/wrappers.py)
         self._handles = [
             targets[name].register_forward_hook(self._make_hook(name), with_kwargs=True)
             for name in self._packed
         ]
+        self._undo_fused = keep_forward_called(model, list(self._packed))
         setattr(model, POOL_ATTR, self)
 
     # -- lookups ------------------------------------------------------------------------------
@@ -373,6 +387,9 @@ class AdapterPool:
     def _make_hook(self, module_name: str):
         packed = self._packed[module_name]
 
+        # Run outside any torch.compile graph: which adapters apply is thread-local state set
+        # by use(), which a compiled graph would otherwise freeze at its first call.
+        @torch.compiler.disable
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor | None:
             stack = getattr(self._local, "stack", None)
             if not stack or module_name not in stack[-1].layers:
@@ -413,7 +430,9 @@ class AdapterPool:
                 raise RuntimeError(f"adapters {sorted(self.in_use)} are in use")
             for handle in self._handles:
                 handle.remove()
-            self._handles = []
+            for undo in self._undo_fused:
+                undo()
+            self._handles, self._undo_fused = [], []
             self._records.clear()
             self._packed.clear()
             if getattr(self.model, POOL_ATTR, None) is self:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from slora.core.checks import finite_number, read_json, whole_number
+from slora.core.files import write_json
 
 FIELDS = ("d_in", "d_out", "global", "topk", "effrank", "local", "score")
 
@@ -41,7 +41,7 @@ class SensitivityReport:
         }
 
     def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+        write_json(path, self.to_dict())  # beside, then renamed in: never half a file
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "SensitivityReport") -> SensitivityReport:

@@ -23,9 +23,10 @@ from slora.kernels.multi_lora.meta import (
     build_token_meta,
     check_and_build_meta,
 )
-from slora.kernels.multi_lora.packed import KernelWeights, PackedAdapters, SliceAdapter, pack_slices
+from slora.kernels.multi_lora.packed import PackedAdapters, SliceAdapter, pack_slices
 from slora.kernels.multi_lora.slices import check_slices, lora_slices_torch
 from slora.kernels.multi_lora.torch_backend import multi_lora_backward_torch, multi_lora_torch
+from slora.kernels.multi_lora.weights import KernelWeights
 
 __all__ = [
     "KernelWeights",

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from slora.kernels._native import UNAVAILABLE, extension
 from slora.kernels.multi_lora.meta import LoRAMeta
-from slora.kernels.multi_lora.packed import KernelWeights
+from slora.kernels.multi_lora.weights import KernelWeights
 
 
 def native_args(

@@ -33,6 +33,7 @@ class LoRAMeta:
     group_slot: Tensor
     group_start: Tensor
     group_len: Tensor
+    max_slots: int = 0  # the slot count the builder checked against (0 = not known)
 
 
 def _check_int_vector(t: Tensor, name: str, length: int | None = None) -> None:
@@ -64,7 +65,7 @@ def build_token_meta(token_slots: Tensor, max_slots: int, *, validate: bool = Tr
         # checks every slot itself, with the message below, whatever `validate` says
         order, starts, counts = native.token_meta(slots, max_slots)
         group_slot = torch.arange(max_slots, dtype=torch.int64)
-        return LoRAMeta(slots.shape[0], order, group_slot, starts, counts)
+        return LoRAMeta(slots.shape[0], order, group_slot, starts, counts, max_slots)
     message = f"token_slots: every slot must be in [-1, {max_slots}) (−1 = no adapter)"
     if validate and slots.numel():
         _check(((slots >= -1) & (slots < max_slots)).all(), message)
@@ -75,7 +76,9 @@ def build_token_meta(token_slots: Tensor, max_slots: int, *, validate: bool = Tr
     counts.index_add_(0, key, torch.ones_like(key))
     starts = torch.cumsum(counts, 0) - counts
     group_slot = torch.arange(max_slots, dtype=torch.int64, device=slots.device)
-    return LoRAMeta(slots.shape[0], order, group_slot, starts[:max_slots], counts[:max_slots])
+    return LoRAMeta(
+        slots.shape[0], order, group_slot, starts[:max_slots], counts[:max_slots], max_slots
+    )
 
 
 def build_segment_meta(
@@ -100,7 +103,7 @@ def build_segment_meta(
                 ((slots >= -1) & (slots < max_slots)).all(),
                 f"seg_slots: every slot must be in [-1, {max_slots}) (−1 = no adapter)",
             )
-    return LoRAMeta(num_tokens, None, slots, indptr[:-1], indptr.diff())
+    return LoRAMeta(num_tokens, None, slots, indptr[:-1], indptr.diff(), max_slots)
 
 
 def check_call(x: Tensor, packed: PackedAdapters, meta: LoRAMeta, out: Tensor | None) -> None:
@@ -119,9 +122,19 @@ def check_call(x: Tensor, packed: PackedAdapters, meta: LoRAMeta, out: Tensor | 
         raise ValueError(f"x is on {device} but the adapters are on {packed.device}")
     if meta.group_slot.device != device:
         raise ValueError(f"meta is on {meta.group_slot.device} but x is on {device}")
+    built_for = max(meta.max_slots, meta.group_slot.shape[0] if meta.order is not None else 0)
+    if built_for > packed.max_slots:
+        raise ValueError(
+            f"meta was built for {built_for} slots but the adapters have {packed.max_slots}: "
+            "build it with max_slots=packed.max_slots"
+        )
     T, order = shape[0], meta.order
-    if order is not None and order.shape[0] != T:
-        raise ValueError(f"meta was built for {order.shape[0]} tokens but x has {T}")
+    if meta.num_tokens != T or (order is not None and order.shape[0] != T):
+        built = meta.num_tokens if order is None else order.shape[0]
+        raise ValueError(
+            f"meta was built for {built} tokens but x has {T}: build it for this batch "
+            "(build_token_meta / build_segment_meta with the batch's token count)"
+        )
     if out is not None:
         if out.shape != (T, packed.d_out) or out.dtype not in (dtype, torch.float32):
             raise ValueError(
@@ -132,6 +145,16 @@ def check_call(x: Tensor, packed: PackedAdapters, meta: LoRAMeta, out: Tensor | 
             raise ValueError(f"out is on {out.device}, x on {device}")
         if out.stride(-1) != 1:
             raise ValueError("out must have contiguous rows (stride 1 along the last dimension)")
+        if (
+            not torch.compiler.is_compiling()
+            and out.numel()
+            and x.numel()
+            and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+        ):
+            raise ValueError(
+                "out shares memory with x: the kernel would read inputs it has already "
+                "overwritten; pass a separate out (or none)"
+            )
 
 
 def check_and_build_meta(

@@ -15,15 +15,15 @@ unload both inside ``torch.inference_mode()`` and outside it.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from slora.kernels.multi_lora.placement import FreeList, mutable_buffers
+from slora.kernels.multi_lora.weights import KernelWeights
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -157,7 +157,8 @@ class PackedAdapters:
 
     def load(self, slot: int, adapter: Any) -> None:
         """Put ``adapter`` (format as in :meth:`from_list`) into ``slot``, replacing what was
-        there; writes only this adapter's rows and metadata row."""
+        there; writes only this adapter's rows and metadata row.  All or nothing: if the load
+        fails, the slot keeps the adapter it held."""
         self._check_slot(slot)
         slices = _slices_of(adapter) or [None] * self.n_slices
         if len(slices) != self.n_slices:
@@ -171,6 +172,13 @@ class PackedAdapters:
                 continue
             A, B, scale = trip
             d_s = self.slice_sizes[s]
+            for label, t in (("A", A), ("B", B)):
+                if not isinstance(t, Tensor) or not (t.is_floating_point() or t.numel() == 0):
+                    kind = f"{t.dtype} tensor" if isinstance(t, Tensor) else type(t).__name__
+                    raise TypeError(
+                        f"slot {slot} slice {s}: {label} must be a floating-point tensor, "
+                        f"got a {kind}"
+                    )
             if A.dim() != 2 or A.shape[1] != self.d_in:
                 raise ValueError(
                     f"slot {slot} slice {s}: A must be [r, {self.d_in}], got {tuple(A.shape)}"
@@ -190,35 +198,60 @@ class PackedAdapters:
                     "rows reserved per slot (slot_rows)"
                 )
             checked.append((A, B, float(scale)))
+        with mutable_buffers():  # converted before anything changes: a failure here changes nothing
+            staged = [
+                None
+                if t is None
+                else (
+                    t[0].detach().to(dtype=self.dtype, device=self.device),
+                    t[1].detach().to(dtype=self.dtype, device=self.device),
+                    t[2],
+                )
+                for t in checked
+            ]
+            previous = None
+            if slot in self._host:  # kept until the new adapter is in (rows may be reused)
+                previous = [
+                    None if t is None else (t[0].clone(), t[1].clone(), t[2])
+                    for t in self.adapter(slot)
+                ]
         self.unload(slot)
-        host = []
-        with mutable_buffers():
-            for s, trip in enumerate(checked):
-                if trip is None or trip[0].shape[0] == 0:
-                    host.append((0, 0, 0, 0.0))
-                    continue
-                A, B, scale = trip
-                r, d_s = A.shape[0], self.slice_sizes[s]
-                a_off, b_off = self._place(slot, s, r)
-                self.A[a_off : a_off + r].copy_(A)
-                self.Bt[b_off : b_off + r * d_s].view(r, d_s).copy_(B.t())
-                host.append((r, a_off, b_off, scale))
-            self._host[slot] = host
-            self._write_meta(slot, host)
+        host: list[tuple[int, int, int, float]] = []
+        try:
+            with mutable_buffers():
+                for s, trip in enumerate(staged):
+                    if trip is None or trip[0].shape[0] == 0:
+                        host.append((0, 0, 0, 0.0))
+                        continue
+                    A, B, scale = trip
+                    r, d_s = A.shape[0], self.slice_sizes[s]
+                    a_off, b_off = self._place(slot, s, r)
+                    host.append((r, a_off, b_off, scale))
+                    self.A[a_off : a_off + r].copy_(A)
+                    self.Bt[b_off : b_off + r * d_s].view(r, d_s).copy_(B.t())
+                self._write_meta(slot, host)
+                self._host[slot] = host
+        except BaseException:
+            self._host[slot] = host + [(0, 0, 0, 0.0)] * (self.n_slices - len(host))
+            self.unload(slot)  # frees the rows placed so far
+            if previous is not None:
+                self.load(slot, previous)
+            raise
         self._max_rank = max(self._max_rank, *(h[0] for h in host))
 
     def unload(self, slot: int) -> None:
         """Free ``slot`` (rank 0 everywhere); other adapters are not touched."""
         self._check_slot(slot)
-        host = self._host.pop(slot, None)
+        host = self._host.get(slot)
         if host is None:
             return
+        with mutable_buffers():  # first: if this fails, nothing has changed
+            self._write_meta(slot, [(0, 0, 0, 0.0)] * self.n_slices)
+        del self._host[slot]
         for s, (r, a_off, b_off, _) in enumerate(host):
             if r and not self.slot_rows:
                 self._a_free.release(a_off, r)
                 self._b_free.release(b_off, r * self.slice_sizes[s])
-        with mutable_buffers():
-            self._write_meta(slot, [(0, 0, 0, 0.0)] * self.n_slices)
         loaded = [r for h in self._host.values() for r, *_ in h]
         self._max_rank = max([self._rank_floor, *loaded])
 
@@ -332,38 +365,6 @@ class PackedAdapters:
             for h in self._host.values()
             for s, (r, *_) in enumerate(h)
         )
-
-
-class KernelWeights(NamedTuple):
-    """What a backend reads of a :class:`PackedAdapters`: the buffers, the per-(slot, slice)
-    metadata, the slices' widths (device tensors and host ints) and the largest rank."""
-
-    A: Tensor
-    Bt: Tensor
-    ranks: Tensor
-    a_offsets: Tensor
-    b_offsets: Tensor
-    scales: Tensor
-    slice_d_out: Tensor
-    slice_col: Tensor
-    slice_sizes: list[int]
-    max_rank: int
-
-    @property
-    def d_in(self) -> int:
-        return self.A.shape[1]
-
-    @property
-    def n_slices(self) -> int:
-        return len(self.slice_sizes)
-
-    @property
-    def d_out(self) -> int:
-        return sum(self.slice_sizes)
-
-    @property
-    def col_starts(self) -> list[int]:
-        return list(itertools.accumulate(self.slice_sizes[:-1], initial=0))
 
 
 def _slices_of(adapter: Any) -> list[SliceAdapter] | None:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from slora.kernels.multi_lora.meta import LoRAMeta
-from slora.kernels.multi_lora.packed import KernelWeights
+from slora.kernels.multi_lora.weights import KernelWeights
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
