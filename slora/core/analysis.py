@@ -26,7 +26,13 @@ from torch import Tensor, nn
 from slora import ops
 from slora.core import quantized
 from slora.core.checks import whole_number
-from slora.core.metrics import ESTIMATORS, MatrixStats, combine, matrix_metrics
+from slora.core.metrics import (
+    DEFAULT_ESTIMATOR,
+    ESTIMATORS,
+    MatrixStats,
+    combine,
+    matrix_metrics,
+)
 from slora.core.report import SensitivityReport
 from slora.core.targets import find_targets, linear_dims
 
@@ -200,7 +206,7 @@ def _progress(iterable: Iterable, total: int | None, enabled: bool, desc: str):
 def analyze(
     model: nn.Module,
     data: Iterable[Any],
-    estimator: str = "fisher",
+    estimator: str = DEFAULT_ESTIMATOR,
     target_modules: Sequence[str] | str | None = None,
     loss_fn: LossFn | None = None,
     max_batches: int | None = None,

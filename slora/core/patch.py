@@ -23,8 +23,9 @@ from slora.core.allocation import RankPlan, allocate
 from slora.core.analysis import analyze
 from slora.core.checks import finite_number
 from slora.core.layer import LoraLinear
+from slora.core.metrics import DEFAULT_ESTIMATOR
 from slora.core.layer import group_shared_inputs as make_lora_groups
-from slora.core.targets import foreign_lora_modules, is_linear_like, linear_dims, tied_weights
+from slora.core.targets import is_linear_like, linear_dims, tied_weights
 from slora.core.transaction import Transaction, transaction
 
 STATE_ATTR = "_slora_state"
@@ -66,6 +67,21 @@ def get_state(model: nn.Module) -> PatchState:
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def foreign_lora_modules(model: nn.Module) -> list[str]:
+    """Modules that carry another library's LoRA (PEFT's ``lora_A``/``lora_B`` layers),
+    as ``"name (module.Class)"``; slora must not wrap or hook them."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear):
+            continue
+        kind = type(module)
+        if kind.__module__.startswith("peft.") or (
+            hasattr(module, "lora_A") and hasattr(module, "lora_B")
+        ):
+            found.append(f"{name or '<model>'} ({kind.__module__}.{kind.__qualname__})")
+    return found
 
 
 def check_patchable(model: nn.Module) -> None:
@@ -167,7 +183,7 @@ def patch(
     """Freeze the base model and insert LoRA adapters with the planned ranks (in place).
 
     Either pass a ``plan`` from :func:`slora.allocate`, or ``data=`` calibration batches (and
-    ``avg_rank`` (8), ``estimator`` ("fisher"), ``target_modules`` and other
+    ``avg_rank`` (8), ``estimator`` (``DEFAULT_ESTIMATOR``), ``target_modules`` and other
     :func:`slora.allocate` arguments) to analyse, allocate and patch in one call.
     ``modules_to_save`` (e.g. a classifier head) stay trainable and are saved with the adapter.
     Returns the same model.  All or nothing: if anything fails, the model is left as it was.
@@ -190,7 +206,7 @@ def patch(
         if data is None:
             raise ValueError("patch needs a plan (from slora.allocate) or data= to calibrate on")
         report = analyze(
-            model, data, estimator=estimator or "fisher", target_modules=target_modules
+            model, data, estimator=estimator or DEFAULT_ESTIMATOR, target_modules=target_modules
         )
         plan = allocate(report, avg_rank=8 if avg_rank is None else avg_rank, **allocate_kwargs)
     else:

@@ -46,6 +46,9 @@ class Recipe:
     calib_head_epochs: int = 0  # > 0: train the head alone this many epochs before calibrating
     stability_frac: float = 0.1
     adalora_orth_reg: float = 0.1
+    # None: PEFT's budget, target_r × number of matrices triplets kept (its published setting);
+    # an int: keep this many triplets instead (``slora eval`` matches the final parameter count)
+    adalora_target_triplets: int | None = None
     eva_rho: float = 2.0
 
     def check(self) -> None:
