@@ -139,7 +139,7 @@ def _tiny_csv(path):
         for i in range(72):
             label = i % 2
             words = rng.sample(WORDS[:4] if label else WORDS[4:8], 2) + ["the", "film"]
-            writer.writerow([" ".join(words), "pos" if label else "neg", f"a{i % 12}"])
+            writer.writerow([" ".join(words), "pos" if label else "neg", f"a{(i // 2) % 12}"])
     return path
 
 

@@ -17,7 +17,7 @@ ALL_METHODS = ("uniform", "sensitivity", "random", "adalora", "eva") + tuple(
 )
 # The published suite: task -> average ranks; a recipe sized for one CPU core (docs/method.md).
 SUITE = {"rotten_tomatoes": (2.0, 4.0, 8.0), "convention_2012": (4.0,), "debates_2016": (4.0,)}
-SUITE_RECIPE = Recipe(n_train=320, max_length=40, n_val=160, n_test=320, calib_sentences=256)
+SUITE_RECIPE = Recipe(n_train=480, max_length=40, n_val=128, n_test=320, calib_sentences=256)
 SUITE_SEEDS = 8
 
 
@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one learning-rate grid for every method (default: per method, "
                         "picked on validation)")  # fmt: skip
     parser.add_argument("--n-train", type=POSITIVE_INT, default=None,
-                        help="training sentences per seed (2000; 320 with --suite)")  # fmt: skip
+                        help="training sentences per seed (2000; 480 with --suite)")  # fmt: skip
     parser.add_argument(
         "--max-length", type=POSITIVE_INT, default=None, help="tokens (64; 40 with --suite)"
     )
