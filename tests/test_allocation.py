@@ -69,9 +69,7 @@ def test_largest_remainder_and_ties_by_name():
     # Equal scores: 10 ranks over 3 matrices -> 4, 3, 3 with the extra going to the first name.
     plan = slora.allocate(make_report([1.0, 1.0, 1.0]), avg_rank=10 / 3)
     assert list(plan.ranks.values()) == [4, 3, 3]
-    plan = slora.allocate(
-        make_report([2.0, 1.0, 1.0, 1.0]), avg_rank=2.5, min_rank=0, max_rank=64
-    )
+    plan = slora.allocate(make_report([2.0, 1.0, 1.0, 1.0]), avg_rank=2.5, min_rank=0, max_rank=64)
     # shares 4, 2, 2, 2 exactly
     assert list(plan.ranks.values()) == [4, 2, 2, 2]
 

@@ -23,8 +23,8 @@ from slora.core.allocation import RankPlan, allocate
 from slora.core.analysis import analyze
 from slora.core.checks import finite_number
 from slora.core.layer import LoraLinear
-from slora.core.metrics import DEFAULT_ESTIMATOR
 from slora.core.layer import group_shared_inputs as make_lora_groups
+from slora.core.metrics import DEFAULT_ESTIMATOR
 from slora.core.targets import is_linear_like, linear_dims, tied_weights
 from slora.core.transaction import Transaction, transaction
 

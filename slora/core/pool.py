@@ -26,8 +26,8 @@ from torch import Tensor, nn
 from slora import ops
 from slora.core import quantized
 from slora.core.checks import finite_number, whole_number
-from slora.core.peft_io import read_adapter
 from slora.core.patch import foreign_lora_modules
+from slora.core.peft_io import read_adapter
 from slora.core.targets import find_targets, linear_dims
 from slora.core.transaction import transaction
 

@@ -33,9 +33,7 @@ HEAD_SUFFIXES = ("_head", "_heads", "_classifier", "_pooler")
 def is_head_name(name: str) -> bool:
     """True if a component of the dotted ``name`` names a head, classifier or pooler
     (:data:`HEAD_NAMES`, or ends in one of :data:`HEAD_SUFFIXES`): not a default target."""
-    return any(
-        part in HEAD_NAMES or part.endswith(HEAD_SUFFIXES) for part in name.split(".")
-    )
+    return any(part in HEAD_NAMES or part.endswith(HEAD_SUFFIXES) for part in name.split("."))
 
 
 def _conv1d_type() -> type | None:
