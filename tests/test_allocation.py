@@ -192,3 +192,19 @@ def test_dominated_plan_warns_and_names_max_rank():
         warnings.simplefilter("error")
         slora.allocate(rep, avg_rank=4)  # the default cap: no warning
         slora.allocate(make_report([400.0, 1.0, 1.0]), avg_rank=4, max_rank=64)  # 3 matrices
+
+
+@pytest.mark.parametrize("scores,log", [([400.0, 0.2, 1.0], True), ([1.0, 2.0, 50.0], False)])
+def test_report_plot_uses_a_log_axis_when_scores_span_decades(tmp_path, monkeypatch, scores, log):
+    import matplotlib.axes
+
+    from slora.core import plots
+
+    scales = []
+    real = matplotlib.axes.Axes.set_yscale
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "set_yscale", lambda ax, v, **k: scales.append(v) or real(ax, v, **k)
+    )
+    path = plots.plot_report(make_report(scores), None, tmp_path / "s.png")
+    assert path.stat().st_size > 0
+    assert ("log" in scales) is log
