@@ -164,7 +164,8 @@ def test_default_cap_keeps_every_matrix_within_a_quarter_of_the_budget():
     # most of the budget; the default cap stops it at 4 x the average rank
     scores = [400.0] + [0.2 + 0.03 * i for i in range(36)]
     rep = make_report(scores)
-    free = slora.allocate(rep, avg_rank=4, max_rank=64)
+    with pytest.warns(UserWarning, match="max_rank="):
+        free = slora.allocate(rep, avg_rank=4, max_rank=64)
     assert free.ranks["layer00.proj"] == 64  # the degenerate plan (capped by its shape only)
     plan = slora.allocate(rep, avg_rank=4)
     assert plan.total_rank == 4 * 37
