@@ -7,6 +7,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from slora.demo.recipe import COLLAPSE_SHARE
+
 
 def _params(entry: dict[str, Any]) -> str:
     final = entry["final_lora_params"]
@@ -31,7 +33,7 @@ def format_table(doc: dict[str, Any]) -> str:
     """One block per task × budget: method, lr, LoRA parameters, accuracies, paired Δ."""
     lines = []
     header = ["method", "lr", "LoRA params (trained → kept)", "val acc", "test acc ± sd",
-              "Δ test vs uniform [95% CI]"]  # fmt: skip
+              "collapsed", "Δ test vs uniform [95% CI]"]  # fmt: skip
     for cell in doc["cells"]:
         rows = []
         for m, e in cell["methods"].items():
@@ -41,6 +43,7 @@ def format_table(doc: dict[str, Any]) -> str:
                 m, f"{e['lr']:g}", _params(e),
                 f"{statistics.fmean(val):.4f}" if val else "—",
                 f"{statistics.fmean(acc):.4f} ± {sd:.4f}" if acc else "—",
+                f"{sum(x >= COLLAPSE_SHARE for x in e['test_top_class_share'])}/{len(acc)}",
                 _delta(cell["paired_vs_uniform"].get(m)),
             ])  # fmt: skip
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -64,7 +67,10 @@ def format_table(doc: dict[str, Any]) -> str:
         lines.append("pooled over the cells (per seed the mean over cells, t-interval over seeds):")
         lines += [f"  {m:<24} {_delta(p)}" for m, p in pooled.items()]
     t = doc["timing"]
-    lines.append(f"wall {t['wall_s']:.0f} s ({t['torch_threads']} torch threads)")
+    lines.append(
+        f"wall {t['wall_s']:.0f} s ({t['torch_threads']} torch threads); collapsed: runs that "
+        f"predict one class for ≥ {100 * COLLAPSE_SHARE:.0f} % of the test sentences"
+    )
     return "\n".join(lines)
 
 
