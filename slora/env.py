@@ -7,6 +7,7 @@ failed and why), whether Triton is usable, and the backend each op will use per 
 
 from __future__ import annotations
 
+import argparse
 import functools
 import importlib.metadata
 import os
@@ -141,6 +142,15 @@ def format_rows(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def main() -> int:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``slora env`` takes no options."""
+
+
+def run(args: argparse.Namespace | None = None) -> int:
+    """Print versions, devices and kernel backends."""
     print(format_rows(collect()))
     return 0
+
+
+def main() -> int:
+    return run()

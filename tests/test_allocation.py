@@ -34,6 +34,7 @@ scores_st = st.lists(
 )
 
 
+@pytest.mark.filterwarnings("ignore:slora.allocate")  # explicit max_rank may warn
 @settings(max_examples=150, deadline=None)
 @given(
     scores=scores_st,
@@ -59,7 +60,8 @@ def test_sra_invariants(scores, avg_rank, min_rank, max_extra):
 
 
 def test_proportional_when_unbounded():
-    plan = slora.allocate(make_report([1.0, 2.0, 3.0, 2.0]), avg_rank=4, min_rank=0)
+    # an explicit max_rank replaces the default cap (at most a quarter of the budget)
+    plan = slora.allocate(make_report([1.0, 2.0, 3.0, 2.0]), avg_rank=4, min_rank=0, max_rank=64)
     assert list(plan.ranks.values()) == [2, 4, 6, 4]
 
 
@@ -67,7 +69,7 @@ def test_largest_remainder_and_ties_by_name():
     # Equal scores: 10 ranks over 3 matrices -> 4, 3, 3 with the extra going to the first name.
     plan = slora.allocate(make_report([1.0, 1.0, 1.0]), avg_rank=10 / 3)
     assert list(plan.ranks.values()) == [4, 3, 3]
-    plan = slora.allocate(make_report([2.0, 1.0, 1.0, 1.0]), avg_rank=2.5, min_rank=0)
+    plan = slora.allocate(make_report([2.0, 1.0, 1.0, 1.0]), avg_rank=2.5, min_rank=0, max_rank=64)
     # shares 4, 2, 2, 2 exactly
     assert list(plan.ranks.values()) == [4, 2, 2, 2]
 
@@ -104,7 +106,7 @@ def test_multiple_of_keeps_budget_close_and_ranks_aligned():
 def test_params_budget_matches_uniform_parameter_count():
     dims = [(64, 64), (64, 256), (256, 64), (32, 32)]
     rep = make_report([4.0, 1.0, 2.0, 8.0], dims)
-    plan = slora.allocate(rep, avg_rank=8, budget="params")
+    plan = slora.allocate(rep, avg_rank=8, budget="params", max_rank=64)
     uniform = slora.allocate(rep, avg_rank=8, budget="params", method="uniform")
     budget = 8 * sum(a + b for a, b in dims)
     assert uniform.trainable_params == budget
@@ -155,3 +157,55 @@ def test_negative_or_nan_scores_are_rejected():
         slora.allocate(make_report([1.0, -2.0]))
     with pytest.raises(ValueError, match="not a SensitivityReport"):
         SensitivityReport.from_dict({"estimator": "fisher"})
+
+
+def test_default_cap_keeps_every_matrix_within_a_quarter_of_the_budget():
+    # one score dwarfs 36 others (a pooler next to a fresh head): without a cap it takes
+    # most of the budget; the default cap stops it at 4 x the average rank
+    scores = [400.0] + [0.2 + 0.03 * i for i in range(36)]
+    rep = make_report(scores)
+    with pytest.warns(UserWarning, match="max_rank="):
+        free = slora.allocate(rep, avg_rank=4, max_rank=64)
+    assert free.ranks["layer00.proj"] == 64  # the degenerate plan (capped by its shape only)
+    plan = slora.allocate(rep, avg_rank=4)
+    assert plan.total_rank == 4 * 37
+    assert plan.ranks["layer00.proj"] == 16  # 4 x avg_rank
+    assert max(plan.ranks.values()) <= 0.25 * plan.total_rank
+    ranks = [plan.ranks[n] for n in rep.modules][1:]
+    assert ranks == sorted(ranks)  # still monotone in the score
+    # few matrices: the quarter-of-the-budget share binds first (never below the average)
+    plan = slora.allocate(make_report([100.0] + [1.0] * 7), avg_rank=4)
+    assert plan.ranks["layer00.proj"] == 8 and plan.total_rank == 32
+    # params budget: the share is counted in parameters
+    dims = [(64, 64)] + [(64, 256)] * 7
+    plan = slora.allocate(make_report([100.0] + [1.0] * 7, dims), avg_rank=4, budget="params")
+    top = plan.ranks["layer00.proj"] * 128
+    assert top <= 0.25 * 4 * sum(a + b for a, b in dims)
+
+
+def test_dominated_plan_warns_and_names_max_rank():
+    rep = make_report([400.0] + [1.0] * 11)
+    with pytest.warns(UserWarning, match=r"layer00.proj.*max_rank=12"):
+        slora.allocate(rep, avg_rank=4, max_rank=64)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        slora.allocate(rep, avg_rank=4)  # the default cap: no warning
+        slora.allocate(make_report([400.0, 1.0, 1.0]), avg_rank=4, max_rank=64)  # 3 matrices
+
+
+@pytest.mark.parametrize("scores,log", [([400.0, 0.2, 1.0], True), ([1.0, 2.0, 50.0], False)])
+def test_report_plot_uses_a_log_axis_when_scores_span_decades(tmp_path, monkeypatch, scores, log):
+    import matplotlib.axes
+
+    from slora.core import plots
+
+    scales = []
+    real = matplotlib.axes.Axes.set_yscale
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "set_yscale", lambda ax, v, **k: scales.append(v) or real(ax, v, **k)
+    )
+    path = plots.plot_report(make_report(scores), None, tmp_path / "s.png")
+    assert path.stat().st_size > 0
+    assert ("log" in scales) is log

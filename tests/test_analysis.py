@@ -114,7 +114,7 @@ def test_loss_fn_and_max_batches():
         out = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return out.logits.pow(2).mean()
 
-    report = slora.analyze(model, data, loss_fn=loss_fn, max_batches=2, progress=False)
+    report = slora.analyze(model, data, "fisher", loss_fn=loss_fn, max_batches=2, progress=False)
     assert len(calls) == 2
     assert report.num_tokens == int(sum(b["attention_mask"].sum() for b in data[:2]))
 
@@ -128,16 +128,20 @@ def test_non_finite_batch_is_skipped_and_result_equals_clean_run():
         return loss * float("nan") if batch.get("poison") else loss
 
     poisoned = [data[0], dict(data[1], poison=True), data[2]]
-    clean = slora.analyze(model, [data[0], data[2]], loss_fn=loss_fn, progress=False)
+    clean = slora.analyze(model, [data[0], data[2]], "fisher", loss_fn=loss_fn, progress=False)
     with pytest.warns(RuntimeWarning, match="batch 1"):
-        got = slora.analyze(model, poisoned, loss_fn=loss_fn, progress=False)
+        got = slora.analyze(model, poisoned, "fisher", loss_fn=loss_fn, progress=False)
     for n in clean.modules:
         assert got.modules[n]["score"] == pytest.approx(clean.modules[n]["score"], rel=1e-6)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(ValueError, match="no usable calibration batch"):
             slora.analyze(
-                model, [dict(d, poison=True) for d in data], loss_fn=loss_fn, progress=False
+                model,
+                [dict(d, poison=True) for d in data],
+                "fisher",
+                loss_fn=loss_fn,
+                progress=False,
             )
 
 
@@ -169,8 +173,8 @@ BAD_INPUTS = [
     (dict(data=[]), ValueError, "calibration data is empty"),
     (dict(data="all_padding"), ValueError, "all padding"),
     (dict(data="single_dict"), TypeError, "iterable of batches"),
-    (dict(loss_fn=lambda m, b: m(**b).logits), TypeError, "scalar"),
-    (dict(data="no_labels"), ValueError, "no loss"),
+    (dict(loss_fn=lambda m, b: m(**b).logits, estimator="fisher"), TypeError, "scalar"),
+    (dict(data="no_labels", estimator="fisher"), ValueError, "no loss"),
 ]
 
 

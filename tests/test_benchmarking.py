@@ -71,10 +71,10 @@ def test_bench_times_the_floor_read_in_the_same_rounds_as_the_kernels(monkeypatc
 
     monkeypatch.setattr(bench, "measure", spy)
     case = bench.decode_case(T=8, d=64, n_adapters=4)
-    rows = bench.run([case], "cpu", min_time=0.0, bandwidth=None)
+    rows = bench.run_cases([case], "cpu", min_time=0.0, bandwidth=None)
     assert len(timed) == 1 and bench.FLOOR_READ in timed[0]
     assert [r.impl for r in rows] == [name for name in timed[0] if name != bench.FLOOR_READ]
     assert all(r.floor_seconds is not None and r.floor_seconds > 0 for r in rows)
-    floor = bench.run([case], "cpu", min_time=0.0, bandwidth=1e9)[0].floor_seconds
+    floor = bench.run_cases([case], "cpu", min_time=0.0, bandwidth=1e9)[0].floor_seconds
     assert floor == pytest.approx(bench.floor_bytes(case) / 1e9)  # a given bandwidth: no read
     assert bench.FLOOR_READ not in timed[1]

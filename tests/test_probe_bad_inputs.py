@@ -203,7 +203,8 @@ def analyze_cases() -> list[Case]:
     loss = lambda m, b: m(b).pow(2).mean()
 
     def run(**kw):
-        args = {"data": data, "loss_fn": loss, "progress": False, "backend": "torch", **kw}
+        args = {"data": data, "loss_fn": loss, "progress": False, "backend": "torch",
+                "estimator": "fisher", **kw}  # fmt: skip
         return lambda: slora.analyze(model, **args)
 
     cases = [
@@ -220,7 +221,12 @@ def analyze_cases() -> list[Case]:
         Case(
             "analyze all-NaN batches",
             lambda: slora.analyze(
-                model, data, loss_fn=lambda m, b: m(b).sum() * NAN, progress=False, backend="torch"
+                model,
+                data,
+                "fisher",
+                loss_fn=lambda m, b: m(b).sum() * NAN,
+                progress=False,
+                backend="torch",
             ),
             ("non-finite",),
         ),

@@ -30,13 +30,21 @@ from slora.core.batches import (
     call_model,
     checked_stats,
     default_loss,
+    device_of,
     join_anchor,
     move_to,
     padding_mask,
+    progress_bar,
     refuse_inference_parameters,
 )
 from slora.core.checks import whole_number
-from slora.core.metrics import ESTIMATORS, MatrixStats, combine, matrix_metrics
+from slora.core.metrics import (
+    DEFAULT_ESTIMATOR,
+    ESTIMATORS,
+    MatrixStats,
+    combine,
+    matrix_metrics,
+)
 from slora.core.report import SensitivityReport
 from slora.core.targets import find_targets, linear_dims
 from slora.core.wrappers import drop_bypassed, keep_forward_called, unwrap
@@ -90,7 +98,7 @@ class _Calibration:
         self.estimator = estimator
         self.backend = backend
         self.collectors = {
-            name: _MatrixCollector(mod, estimator, _device_of(mod)) for name, mod in targets.items()
+            name: _MatrixCollector(mod, estimator, device_of(mod)) for name, mod in targets.items()
         }
         self.mask: Tensor | None = None  # bool, shape of the batch's leading dims
         self.mask_flat: Tensor | None = None
@@ -189,32 +197,10 @@ class _Calibration:
         return bool(torch.isfinite(torch.stack([c.cpu() for c in checks])).all())
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    """Where the model computes: its first parameter's device, or, when its weights are
-    offloaded (accelerate leaves them on the meta device and brings them in per layer), the
-    execution device of accelerate's hooks."""
-    for param in module.parameters():
-        if param.device.type != "meta":
-            return param.device
-    for sub in module.modules():
-        device = getattr(getattr(sub, "_hf_hook", None), "execution_device", None)
-        if device is not None:
-            return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
-    return torch.device("cpu")
-
-
-def _progress(iterable: Iterable, total: int | None, enabled: bool, desc: str):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False)
-
-
 def analyze(
     model: nn.Module,
     data: Iterable[Any],
-    estimator: str = "fisher",
+    estimator: str = DEFAULT_ESTIMATOR,
     target_modules: Sequence[str] | str | None = None,
     loss_fn: LossFn | None = None,
     max_batches: int | None = None,
@@ -261,7 +247,7 @@ def analyze(
             stacklevel=2,
         )
     refuse_inference_parameters(model, estimator)
-    device = _device_of(model)
+    device = device_of(model)
     forward_only = loss_fn or call_model
     loss_fn = loss_fn or default_loss
     with torch.inference_mode(False):  # ordinary tensors, written in either mode
@@ -294,7 +280,9 @@ def analyze(
         for p in grad_flags:
             p.requires_grad_(False)
         batches = data if max_batches is None else itertools.islice(data, max_batches)
-        for i, batch in enumerate(_progress(batches, total_batches, progress, "slora calibration")):
+        for i, batch in enumerate(
+            progress_bar(batches, total_batches, progress, "slora calibration")
+        ):
             batch = move_to(batch, device)
             real_tokens = calib.set_batch(batch, device)
             if real_tokens == 0:

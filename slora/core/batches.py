@@ -5,7 +5,7 @@ real cause when a loss cannot give gradients, and reporting targets that never r
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -161,3 +161,25 @@ def checked_stats(calib: Any, estimator: str) -> dict[str, MatrixStats]:
                 stacklevel=3,
             )
     return {name: c.total for name, c in calib.collectors.items() if name not in never}
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """Where the model computes: its first parameter's device, or, when its weights are
+    offloaded (accelerate leaves them on the meta device and brings them in per layer), the
+    execution device of accelerate's hooks."""
+    for param in module.parameters():
+        if param.device.type != "meta":
+            return param.device
+    for sub in module.modules():
+        device = getattr(getattr(sub, "_hf_hook", None), "execution_device", None)
+        if device is not None:
+            return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+    return torch.device("cpu")
+
+
+def progress_bar(iterable: Iterable, total: int | None, enabled: bool, desc: str):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False)

@@ -17,6 +17,8 @@ from slora.core.metric_math import (
 )
 
 ESTIMATORS = ("activation", "fisher", "fisher_exact")
+# The estimator of analyze / patch / the CLI when none is named (docs/method.md, "Defaults").
+DEFAULT_ESTIMATOR = "fisher"
 
 
 @dataclass

@@ -25,7 +25,8 @@ from slora.core.checks import finite_number
 from slora.core.dist import sharded_parameters
 from slora.core.layer import LoraLinear
 from slora.core.layer import group_shared_inputs as make_lora_groups
-from slora.core.targets import foreign_lora_modules, is_linear_like, linear_dims, tied_weights
+from slora.core.metrics import DEFAULT_ESTIMATOR
+from slora.core.targets import is_linear_like, linear_dims, tied_weights
 from slora.core.transaction import Transaction, transaction
 from slora.core.wrappers import bypassed_forward, keep_forward_called, refuse_ddp, unwrap
 
@@ -69,6 +70,21 @@ def get_state(model: nn.Module) -> PatchState:
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def foreign_lora_modules(model: nn.Module) -> list[str]:
+    """Modules that carry another library's LoRA (PEFT's ``lora_A``/``lora_B`` layers),
+    as ``"name (module.Class)"``; slora must not wrap or hook them."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear):
+            continue
+        kind = type(module)
+        if kind.__module__.startswith("peft.") or (
+            hasattr(module, "lora_A") and hasattr(module, "lora_B")
+        ):
+            found.append(f"{name or '<model>'} ({kind.__module__}.{kind.__qualname__})")
+    return found
 
 
 def check_patchable(model: nn.Module) -> None:
@@ -184,7 +200,7 @@ def patch(
     """Freeze the base model and insert LoRA adapters with the planned ranks (in place).
 
     Either pass a ``plan`` from :func:`slora.allocate`, or ``data=`` calibration batches (and
-    ``avg_rank`` (8), ``estimator`` ("fisher"), ``target_modules`` and other
+    ``avg_rank`` (8), ``estimator`` (``DEFAULT_ESTIMATOR``), ``target_modules`` and other
     :func:`slora.allocate` arguments) to analyse, allocate and patch in one call.
     ``modules_to_save`` (e.g. a classifier head) stay trainable and are saved with the adapter.
     Returns the same model.  All or nothing: if anything fails, the model is left as it was.
@@ -212,7 +228,7 @@ def patch(
         if data is None:
             raise ValueError("patch needs a plan (from slora.allocate) or data= to calibrate on")
         report = analyze(
-            model, data, estimator=estimator or "fisher", target_modules=target_modules
+            model, data, estimator=estimator or DEFAULT_ESTIMATOR, target_modules=target_modules
         )
         plan = allocate(report, avg_rank=8 if avg_rank is None else avg_rank, **allocate_kwargs)
     else:
@@ -310,7 +326,7 @@ def merge(model: nn.Module, *, dequantize: bool = False) -> nn.Module:
     wrapper, model = model, unwrap(model)
     state = get_state(model)
     layers = lora_layers(model)
-    _check_quantized_merge(layers, dequantize)
+    quantized.check_merge(layers, dequantize)
     tied = tied_weights(model)
     for name, layer in layers.items():
         others = [
@@ -343,25 +359,6 @@ def merge(model: nn.Module, *, dequantize: bool = False) -> nn.Module:
             tx.set_attr(layer, "merged", True)
         tx.set_attr(state, "merged", True)
     return wrapper
-
-
-def _check_quantized_merge(layers: dict[str, LoraLinear], dequantize: bool) -> None:
-    stuck = [n for n, m in layers.items() if quantized.is_quantized(m.base_layer)]
-    if stuck and not dequantize:
-        kinds = sorted({type(layers[n].base_layer).__name__ for n in stuck})
-        raise ValueError(
-            f"{len(stuck)} adapted layers have quantized base weights ({', '.join(kinds)}; e.g. "
-            f"{stuck[0]!r}) that cannot take the LoRA update in place: requantizing would round "
-            "most of it away. Call slora.merge(model, dequantize=True) to turn them into float "
-            "nn.Linear layers holding dequant(W) + B A, or merge on a float copy of the base."
-        )
-    opaque = [n for n in stuck if not quantized.can_dequantize(layers[n].base_layer)]
-    if opaque:
-        kind = type(layers[opaque[0]].base_layer).__name__
-        raise TypeError(
-            f"slora cannot dequantize {kind} (e.g. {opaque[0]!r}) to merge its adapter; merge "
-            "on a float copy of the base model instead (slora.load_adapter, then slora.merge)"
-        )
 
 
 def unpatch(model: nn.Module) -> nn.Module:

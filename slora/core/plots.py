@@ -16,8 +16,18 @@ def _pyplot():
     return plt
 
 
+LOG_SPAN = 100.0  # scores whose largest/smallest positive value exceed this go on a log axis
+
+
+def spans_decades(values: list[float], span: float = LOG_SPAN) -> bool:
+    """True when the positive values span more than ``span`` (a linear axis would show one bar)."""
+    positive = [v for v in values if v > 0]
+    return len(positive) > 1 and max(positive) > span * min(positive)
+
+
 def plot_report(report: SensitivityReport, ranks: dict[str, int] | None, path: str | Path) -> Path:
-    """Score θ per matrix (bars, in model order) and, if given, the allocated ranks."""
+    """Score θ per matrix (bars, in model order; a log axis when they span decades) and, if
+    given, the allocated ranks."""
     plt = _pyplot()
     names = list(report.modules)
     scores = [report.modules[n]["score"] for n in names]
@@ -27,6 +37,9 @@ def plot_report(report: SensitivityReport, ranks: dict[str, int] | None, path: s
     )
     axes[0][0].bar(range(len(names)), scores, color="tab:blue")
     axes[0][0].set_ylabel("score θ")
+    if spans_decades(scores):
+        axes[0][0].set_yscale("log")
+        axes[0][0].set_ylabel("score θ (log scale)")
     axes[0][0].set_title(f"Sensitivity per matrix ({report.estimator})")
     if ranks:
         axes[1][0].bar(range(len(names)), [ranks.get(n, 0) for n in names], color="tab:orange")

@@ -26,8 +26,9 @@ from torch import Tensor, nn
 from slora import ops
 from slora.core import quantized
 from slora.core.checks import finite_number, whole_number
+from slora.core.patch import foreign_lora_modules
 from slora.core.peft_io import read_adapter
-from slora.core.targets import find_targets, foreign_lora_modules, linear_dims
+from slora.core.targets import find_targets, linear_dims
 from slora.core.transaction import transaction
 from slora.core.wrappers import (
     drop_bypassed,

@@ -215,3 +215,23 @@ def keep_model_gradients(model: nn.Module) -> Callable[[], None]:
     """:func:`keep_gradients` on every module of ``model``; returns one undo function."""
     undo = [keep_gradients(m) for m in model.modules()]
     return lambda: [u() for u in reversed(undo)] and None
+
+
+def check_merge(layers: dict[str, nn.Module], dequantize: bool) -> None:
+    """Refuse merging adapters into quantized base weights unless ``dequantize`` (see merge)."""
+    stuck = [n for n, m in layers.items() if is_quantized(m.base_layer)]
+    if stuck and not dequantize:
+        kinds = sorted({type(layers[n].base_layer).__name__ for n in stuck})
+        raise ValueError(
+            f"{len(stuck)} adapted layers have quantized base weights ({', '.join(kinds)}; e.g. "
+            f"{stuck[0]!r}) that cannot take the LoRA update in place: requantizing would round "
+            "most of it away. Call slora.merge(model, dequantize=True) to turn them into float "
+            "nn.Linear layers holding dequant(W) + B A, or merge on a float copy of the base."
+        )
+    opaque = [n for n in stuck if not can_dequantize(layers[n].base_layer)]
+    if opaque:
+        kind = type(layers[opaque[0]].base_layer).__name__
+        raise TypeError(
+            f"slora cannot dequantize {kind} (e.g. {opaque[0]!r}) to merge its adapter; merge "
+            "on a float copy of the base model instead (slora.load_adapter, then slora.merge)"
+        )

@@ -14,11 +14,26 @@ from slora.core.quantized import (
     unsupported_message,
 )
 
-# Last name components that mark an output head / classifier (excluded by default), and
-# parents whose whole subtree is a head (RoBERTa's `classifier.dense`, BERT's MLM `cls.*`).
+# Default targets leave out the modules a task head owns or dominates, by the role their name
+# says, one name component at a time (PEFT's per-architecture defaults never target them):
+# - output heads and classifiers, and everything under them (RoBERTa's ``classifier.dense``,
+#   BERT's MLM ``cls.*``, BART's ``classification_head.*``, GPT-2's ``*_head.summary``);
+# - poolers and pre-classifiers (BERT's ``pooler.dense``, DistilBERT's ``pre_classifier``):
+#   their output feeds only the head, so next to a freshly initialised head their gradient
+#   statistics are that head's, orders of magnitude above the body's, and would take the budget.
 HEAD_NAMES = frozenset(
-    {"lm_head", "classifier", "score", "qa_outputs", "cls", "head", "output_projection"}
-)
+    {
+        "lm_head", "classifier", "pre_classifier", "score", "qa_outputs", "cls", "head",
+        "heads", "output_projection", "pooler", "sequence_summary", "summary",
+    }
+)  # fmt: skip
+HEAD_SUFFIXES = ("_head", "_heads", "_classifier", "_pooler")
+
+
+def is_head_name(name: str) -> bool:
+    """True if a component of the dotted ``name`` names a head, classifier or pooler
+    (:data:`HEAD_NAMES`, or ends in one of :data:`HEAD_SUFFIXES`): not a default target."""
+    return any(part in HEAD_NAMES or part.endswith(HEAD_SUFFIXES) for part in name.split("."))
 
 
 def _conv1d_type() -> type | None:
@@ -88,7 +103,8 @@ def find_targets(
 ) -> dict[str, nn.Module]:
     """Linear-like modules to analyse/patch, by name, in model order.
 
-    ``None`` selects every nn.Linear / Conv1D except output heads and classifiers.  Otherwise
+    ``None`` selects every nn.Linear / Conv1D except the output embeddings and the modules
+    named as heads, classifiers or poolers (:func:`is_head_name`).  Otherwise
     each entry is an exact name, a suffix (``"query"`` matches ``…attention.self.query``) or a
     regular expression matched against the full name; every entry must match at least one
     linear-like module.
@@ -104,12 +120,12 @@ def find_targets(
         found = {
             name: mod
             for name, mod in linears.items()
-            if id(mod) not in heads and not (set(name.split(".")) & HEAD_NAMES)
+            if id(mod) not in heads and not is_head_name(name)
         }
         if not found:
             raise ValueError(
                 f"no target module found: {type(model).__name__} has no nn.Linear or Conv1D "
-                "outside its output head; pass target_modules= explicitly"
+                "outside its heads, classifiers and poolers; pass target_modules= explicitly"
             )
         return found
     patterns = list(target_modules)
@@ -141,23 +157,6 @@ def find_targets(
             )
         found.update((name, linears[name]) for name in hits)
     return {name: found[name] for name in linears if name in found}
-
-
-def foreign_lora_modules(model: nn.Module) -> list[str]:
-    """Modules that carry another library's LoRA (PEFT's ``lora_A``/``lora_B`` layers),
-    as ``"name (module.Class)"``; slora must not wrap or hook them."""
-    from slora.core.layer import LoraLinear
-
-    found = []
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLinear):
-            continue
-        kind = type(module)
-        if kind.__module__.startswith("peft.") or (
-            hasattr(module, "lora_A") and hasattr(module, "lora_B")
-        ):
-            found.append(f"{name or '<model>'} ({kind.__module__}.{kind.__qualname__})")
-    return found
 
 
 def tied_weights(model: nn.Module) -> dict[str, list[str]]:

@@ -1,4 +1,4 @@
-"""``slora demo``: options from ``slora.cli`` → recipe, task and run."""
+"""``slora demo``: its options (``add_arguments``) → recipe, task and run (``run``)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from slora.cli_args import POSITIVE_FLOAT, POSITIVE_INT, checked, learning_rates
 from slora.demo.data import embedded_task
 from slora.demo.recipe import BASE_METHODS, FULL_METHODS, FULL_SWEEP, Recipe
 from slora.demo.report import format_table
@@ -55,8 +56,46 @@ def settings(args: argparse.Namespace) -> Settings:
     return Settings(recipe, list(range(n_seeds)), methods, sweep, smoke)
 
 
-def main(args: argparse.Namespace) -> int:
-    """Entry point of ``slora demo`` (arguments from ``slora.cli``)."""
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``slora demo`` options (see slora/demo/ for the recipe)."""
+    parser.add_argument("--out", default="slora-demo", help="output directory")
+    parser.add_argument(
+        "--seeds", type=POSITIVE_INT, default=None, help="paired seeds (3; 5 with --full)"
+    )
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="add PEFT AdaLoRA and EVA, 5 seeds, and a learning-rate sweep per method",
+    )
+    parser.add_argument(
+        "--lr", type=POSITIVE_FLOAT, default=None, help="LoRA learning rate (5e-4; head 10×)"
+    )
+    parser.add_argument(
+        "--lrs", type=learning_rates, default=None, help="--full sweep, comma separated"
+    )
+    parser.add_argument(
+        "--estimator", default=None, choices=["activation", "fisher", "fisher_exact"]
+    )
+    parser.add_argument(
+        "--methods", default=None, help="subset, comma separated: uniform,sensitivity,adalora,eva"
+    )
+    parser.add_argument(
+        "--calib-head-epochs",
+        type=checked(int, 0),
+        default=0,
+        help="train the fresh head alone for N epochs of the calibration data before calibrating",
+    )
+    parser.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a short run of the same pipeline (one seed, a few steps; also SLORA_DEMO_SMOKE=1)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``slora demo`` (options from :func:`add_arguments`)."""
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     run = settings(args)
@@ -83,3 +122,6 @@ def main(args: argparse.Namespace) -> int:
     if collapsed:
         print(f"warning: collapsed to one class: {', '.join(collapsed)}", file=sys.stderr)
     return 0
+
+
+main = run  # slora.demo.main: the entry point under its earlier name

@@ -29,7 +29,7 @@ class Task:
     train: list[int]
     val: list[int]
     test: list[int]
-    target_modules: list[str]
+    target_modules: list[str] | None  # None: the library's default targets
     head: list[str] = field(default_factory=lambda: ["classifier"])
 
 
@@ -71,7 +71,7 @@ def embedded_task(recipe: Recipe) -> Task:
         train=train,
         val=val,
         test=test,
-        target_modules=[r"bert\.encoder\..*"],
+        target_modules=None,  # the library's default targets: the 36 encoder matrices
     )
 
 

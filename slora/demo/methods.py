@@ -86,6 +86,8 @@ def prepare(
             lora_dropout=0.0,
         )
         pm = get_peft_model(model, cfg)
+        if recipe.adalora_target_triplets is not None:
+            pm.base_model.rankallocator.target_bgt = int(recipe.adalora_target_triplets)
 
         return Prepared(
             pm,

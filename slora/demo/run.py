@@ -256,9 +256,9 @@ def run_demo(
         "targets": {
             "patterns": task.target_modules,
             "matrices": len(plans["uniform"].ranks),
-            "note": "every nn.Linear of the encoder; the pooler stays frozen (its Fisher score "
-            "dwarfs the rest next to a fresh head) and the classifier head is trained in full "
-            "for every method",
+            "note": "the library's default targets: every nn.Linear of the encoder; the pooler "
+            "(not a default target: next to a fresh head its Fisher score dwarfs the rest) stays "
+            "frozen and the classifier head is trained in full for every method",
         },
         "calibration": {
             "estimator": recipe.estimator,
