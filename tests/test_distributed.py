@@ -292,22 +292,11 @@ def test_qlora_base_under_fsdp2_equals_one_process(tmp_path):
     if reason:
         pytest.skip(reason)
     from safetensors.torch import load_file
-    from tiny_models import batches
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_models import batches, save_quantizable_llama
 
     import slora
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    save_quantizable_llama(tmp_path / "base")
     mp.spawn(_qlora_fsdp2_worker, args=(2, _free_port(), str(tmp_path / "base"), str(tmp_path)),
              nprocs=2, join=True)  # fmt: skip
     for rank in range(2):

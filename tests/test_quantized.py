@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import VOCAB, batches
+from tiny_models import batches, save_quantizable_llama
 from torch import nn
 
 import slora
@@ -52,22 +52,9 @@ REL_TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    """A tiny Llama saved to disk (hidden 64: bitsandbytes' CPU 4-bit kernels need ≥ one
-    64-wide quantization block per row)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    """A tiny Llama saved to disk (hidden 64, see tiny_models.save_quantizable_llama)."""
     path = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(cfg).save_pretrained(path)
+    save_quantizable_llama(path)
     return path
 
 

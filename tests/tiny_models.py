@@ -45,6 +45,22 @@ def tiny_llama(seed: int = 0) -> torch.nn.Module:
     return LlamaForCausalLM(cfg).eval()
 
 
+def save_quantizable_llama(path) -> None:  # noqa: ANN001
+    """A tiny Llama saved to ``path`` for quantized loading: hidden 64, since bitsandbytes' CPU
+    4-bit kernels need at least one 64-wide quantization block per row."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(path)
+
+
 def tiny_gpt2(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     cfg = GPT2Config(
