@@ -221,17 +221,6 @@ def test_distributed_md_recipes_run_and_agree(tmp_path):
             torch.testing.assert_close(got[key], want, rtol=0, atol=2e-5, msg=key)
 
 
-def _bnb_4bit_reason() -> str | None:
-    try:
-        import bitsandbytes as bnb
-
-        layer = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type="nf4").to("cpu")
-        layer(torch.randn(2, 64, requires_grad=True)).sum().backward()
-    except Exception as exc:  # noqa: BLE001 - any failure means "not available here"
-        return f"bitsandbytes 4-bit does not run on this CPU ({type(exc).__name__}: {exc})"
-    return None
-
-
 def _qlora_model(base: str):
     """The 4-bit (nf4) base from ``base``, patched with fixed ranks and random non-zero A, B."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -288,7 +277,9 @@ def test_qlora_base_under_fsdp2_equals_one_process(tmp_path):
     """A bitsandbytes 4-bit base patched by slora, then sharded with fully_shard: the sharded
     model computes the unsharded logits, and a step on two half-batches saved by every rank
     equals one process on the whole batch."""
-    reason = _bnb_4bit_reason()
+    from tiny_models import bnb_cpu_reason
+
+    reason = bnb_cpu_reason()
     if reason:
         pytest.skip(reason)
     from safetensors.torch import load_file

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import batches, save_quantizable_llama
+from tiny_models import batches, bnb_cpu_reason, save_quantizable_llama
 from torch import nn
 
 import slora
@@ -15,24 +15,7 @@ from slora.core.layer import LoraLinear
 from slora.core.patch import lora_layers, plan_for_ranks
 from slora.core.targets import find_targets
 
-
-def _bnb_cpu_reason() -> str | None:
-    """None when bitsandbytes runs 4-bit forward/backward here, else why not."""
-    try:
-        import bitsandbytes as bnb
-    except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
-        return f"bitsandbytes is not importable ({exc})"
-    try:
-        layer = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type="nf4")
-        layer = layer.to("cpu")
-        x = torch.randn(2, 64, requires_grad=True)
-        layer(x).sum().backward()
-    except Exception as exc:  # noqa: BLE001
-        return f"bitsandbytes has no working CPU backend ({type(exc).__name__}: {exc})"
-    return None
-
-
-REASON = _bnb_cpu_reason()
+REASON = bnb_cpu_reason()
 if REASON:
     print(f"tests/test_quantized.py skipped: {REASON}")
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")

@@ -45,6 +45,22 @@ def tiny_llama(seed: int = 0) -> torch.nn.Module:
     return LlamaForCausalLM(cfg).eval()
 
 
+def bnb_cpu_reason() -> str | None:
+    """None when bitsandbytes runs 4-bit forward/backward here, else why not."""
+    try:
+        import bitsandbytes as bnb
+    except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
+        return f"bitsandbytes is not importable ({exc})"
+    try:
+        layer = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type="nf4")
+        layer = layer.to("cpu")
+        x = torch.randn(2, 64, requires_grad=True)
+        layer(x).sum().backward()
+    except Exception as exc:  # noqa: BLE001
+        return f"bitsandbytes has no working CPU backend ({type(exc).__name__}: {exc})"
+    return None
+
+
 def save_quantizable_llama(path) -> None:  # noqa: ANN001
     """A tiny Llama saved to ``path`` for quantized loading: hidden 64, since bitsandbytes' CPU
     4-bit kernels need at least one 64-wide quantization block per row."""
