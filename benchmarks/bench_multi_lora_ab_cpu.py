@@ -28,15 +28,21 @@ from slora.kernels import _native
 from slora.kernels.multi_lora.cpp_backend import native_args
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = ("multi_lora_cpu.cpp", "cpu_vec.h")
+# the kernel's files; a revision may lack the later ones (the GEMM route came with 2026-12-07)
+FILES = ("multi_lora_cpu.cpp", "cpu_vec.h", "multi_lora_cpu.h", "multi_lora_gemm_cpu.cpp")
 
 
 def sources(rev: str | None) -> dict[str, str]:
     """The kernel's files at ``rev`` (None: the working tree)."""
     if rev is None:
         return {f: (ROOT / "csrc" / f).read_text() for f in FILES}
-    show = ["git", "-C", str(ROOT), "show"]
-    return {f: subprocess.check_output([*show, f"{rev}:csrc/{f}"], text=True) for f in FILES}
+    found = {}
+    for f in FILES:
+        show = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:csrc/{f}"],
+                              capture_output=True, text=True)  # fmt: skip
+        if show.returncode == 0:
+            found[f] = show.stdout
+    return found
 
 
 def build(label: str, files: dict[str, str], march: str):
@@ -55,19 +61,23 @@ def build(label: str, files: dict[str, str], march: str):
     print(f"building {label} ({key}) ...", file=sys.stderr, flush=True)
     return load(
         name=f"ab_multi_lora_{key}",
-        sources=[str(build_dir / "bind.cpp"), str(build_dir / FILES[0])],
+        sources=[str(build_dir / "bind.cpp")]
+        + [str(build_dir / f) for f in files if f.endswith(".cpp")],
         extra_cflags=["-O3", "-fopenmp", f"-march={march}", "-ffp-contract=fast"],
         extra_ldflags=["-fopenmp"],
         build_directory=str(build_dir),
     )
 
 
-def kernel_args(case: bench.Case, out: torch.Tensor) -> tuple:
+def kernel_args(ext, case: bench.Case, out: torch.Tensor) -> tuple:  # noqa: ANN001
     """The native op's arguments for ``case`` with its step metadata prebuilt (overwrite); an
-    empty tensor for a None order, which revisions before 0dbecf7 require."""
+    empty tensor for a None order, which revisions before 0dbecf7 require, and no GEMM
+    threshold for revisions before the GEMM route."""
     args = list(native_args(case.x, case.packed.weights(), case.step_meta(), out, True))
     if args[3] is None:
         args[3] = torch.empty(0, dtype=torch.int64)
+    if "gemm_min_tokens" not in (ext.multi_lora.__doc__ or ""):
+        args.pop()
     return tuple(args)
 
 
@@ -99,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                     for label in kernels}  # fmt: skip
             fns = {}
             for label, ext in kernels.items():
-                kargs = kernel_args(case, outs[label])
+                kargs = kernel_args(ext, case, outs[label])
                 fns[label] = lambda ext=ext, kargs=kargs: ext.multi_lora(*kargs)
                 fns[label]()
             a, b = (o.double() for o in outs.values())

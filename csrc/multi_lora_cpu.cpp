@@ -2,10 +2,13 @@
 //
 // out[t, col_s : col_s + d_s] += scale[k, s] * Bt[k, s]^T (A[k, s] x_t) for every token t of
 // every group (tokens of one slot k), every slice s.  Work items are (group, chunk of up to
-// kChunk tokens); each is shrunk and expanded by one thread with the intermediate h kept in
-// fp32 in the thread's scratch, so x and A are read once per chunk and out once per chunk.
-// OpenMP spreads the items over threads; every output element is written by exactly one
-// item in a fixed order, so the result does not depend on the number of threads.
+// kChunk tokens, range of slices); each is shrunk and expanded by one thread with the
+// intermediate h kept in fp32 in the thread's scratch, so x and A are read once per chunk and
+// out once per chunk.  When there are fewer items than threads, items are split between their
+// slices, then by tokens.  OpenMP spreads the items over threads; every output element is
+// written by exactly one item in a fixed order, so the result does not depend on the number
+// of threads.  Groups of many tokens can instead go through ATen's GEMM
+// (multi_lora_gemm_cpu.cpp: AMX / AVX512-BF16 through oneDNN), chosen by the caller.
 //
 // Two regimes per item, both accumulating in fp32 for fp32 / fp16 / bf16 inputs:
 // - decode-sized items (at most kTile tokens: a few requests per adapter) are bound by the
@@ -19,6 +22,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
@@ -27,6 +31,7 @@
 #endif
 
 #include "cpu_vec.h"  // vf, load_vf / store_vf (bf16, fp16 widening), widen, ...
+#include "multi_lora_cpu.h"  // GroupWeights, multi_lora_gemm_group (groups of many tokens)
 
 namespace {
 
@@ -356,12 +361,19 @@ struct Slice {
   int64_t d_out, col;
 };
 
-// One work item: tokens rows[0..n) (n <= kChunk) of slot `slot`.
+// A unit of work for one thread: tokens [first, first + n) of group g (n <= kChunk), slices
+// [s0, s1).  Different items never write the same output element.
+struct Item {
+  int64_t g, first, n, s0, s1;
+};
+
+// One work item: tokens rows[0..n) of slot `slot`, slices [s0, s1).
 template <typename T, typename O>
 void run_item(const T* x, int64_t stride_x, const T* A, const T* Bt, O* out, int64_t stride_out,
               const int64_t* rows, int n, int64_t d_in, const int32_t* ranks,
               const int32_t* a_off, const int64_t* b_off, const float* scales,
-              const std::vector<Slice>& slices, int64_t slot, bool overwrite, Scratch& s) {
+              const std::vector<Slice>& slices, int64_t slot, int64_t s0, int64_t s1,
+              bool overwrite, Scratch& s) {
   const int64_t S = static_cast<int64_t>(slices.size());
   int64_t r_max = 0, d_max = 0;
   for (int64_t q = 0; q < S; ++q) {
@@ -377,7 +389,7 @@ void run_item(const T* x, int64_t stride_x, const T* A, const T* Bt, O* out, int
     xr[i] = kXInPlace<T> && n <= kTile ? nullptr
                                        : widened_for_dot(xt[i], d_in, s.x + (size_t)i * d_in);
   }
-  for (int64_t q = 0; q < S; ++q) {
+  for (int64_t q = s0; q < s1; ++q) {
     const int64_t r = ranks[slot * S + q], d_s = slices[q].d_out, col = slices[q].col;
     if (r == 0) {  // nothing to add; in overwrite mode these columns become 0
       if (overwrite)
@@ -401,7 +413,7 @@ void run_item(const T* x, int64_t stride_x, const T* A, const T* Bt, O* out, int
 
 template <typename T, typename O>
 void launch(const torch::Tensor& x, const torch::Tensor& A, const torch::Tensor& Bt,
-            const std::vector<int64_t>& items, const int64_t* order, const int64_t* g_slot,
+            const std::vector<Item>& items, const int64_t* order, const int64_t* g_slot,
             const int64_t* g_start, const torch::Tensor& ranks, const torch::Tensor& a_off,
             const torch::Tensor& b_off, const torch::Tensor& scales,
             const std::vector<Slice>& slices, torch::Tensor& out, bool overwrite, int threads) {
@@ -414,7 +426,7 @@ void launch(const torch::Tensor& x, const torch::Tensor& A, const torch::Tensor&
   const int32_t* ao = a_off.data_ptr<int32_t>();
   const int64_t* bo = b_off.data_ptr<int64_t>();
   const float* sc = scales.data_ptr<float>();
-  const int64_t n_items = static_cast<int64_t>(items.size() / 3);
+  const int64_t n_items = static_cast<int64_t>(items.size());
 #pragma omp parallel num_threads(threads)
   {
     // per OpenMP thread, kept across calls (the pool's threads persist): no allocation and
@@ -423,14 +435,15 @@ void launch(const torch::Tensor& x, const torch::Tensor& A, const torch::Tensor&
     int64_t rows[kChunk];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < n_items; ++it) {
-      const int64_t g = items[3 * it], first = items[3 * it + 1];
-      const int n = static_cast<int>(items[3 * it + 2]);
+      const Item& item = items[it];
+      const int64_t g = item.g, first = item.first;
+      const int n = static_cast<int>(item.n);
       for (int i = 0; i < n; ++i) {
         const int64_t pos = g_start[g] + first + i;
         rows[i] = order ? order[pos] : pos;
       }
       run_item<T, O>(xp, stride_x, ap, bp, op, stride_out, rows, n, d_in, rk, ao, bo, sc, slices,
-                     g_slot[g], overwrite, scratch);
+                     g_slot[g], item.s0, item.s1, overwrite, scratch);
     }
   }
 }
@@ -440,13 +453,15 @@ void launch(const torch::Tensor& x, const torch::Tensor& A, const torch::Tensor&
 void check(bool cond, const char* msg) { TORCH_CHECK(cond, "multi_lora_cpu: ", msg); }
 
 // out += delta.  order: int64 [T], or None / empty (identity); groups: int64 [G] each.
+// Groups of at least gemm_min_tokens tokens (0 = none) go through ATen's GEMM when out has
+// x's dtype (multi_lora_gemm_cpu.cpp); all others through the fused kernel above.
 void multi_lora_cpu(const torch::Tensor& x_in, const torch::Tensor& A, const torch::Tensor& Bt,
                     const std::optional<torch::Tensor>& order_in, const torch::Tensor& group_slot,
                     const torch::Tensor& group_start, const torch::Tensor& group_len,
                     const torch::Tensor& ranks, const torch::Tensor& a_off,
                     const torch::Tensor& b_off, const torch::Tensor& scales,
                     const std::vector<int64_t>& slice_d_out, const std::vector<int64_t>& slice_col,
-                    torch::Tensor out, bool overwrite) {
+                    torch::Tensor out, bool overwrite, int64_t gemm_min_tokens) {
   check(x_in.device().is_cpu() && out.device().is_cpu(), "tensors must be on the CPU");
   check(x_in.dim() == 2, "x must be [T, d_in]");
   const torch::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
@@ -474,7 +489,7 @@ void multi_lora_cpu(const torch::Tensor& x_in, const torch::Tensor& A, const tor
   check(group_slot.scalar_type() == torch::kLong && group_start.scalar_type() == torch::kLong &&
             group_len.scalar_type() == torch::kLong,
         "group arrays must be int64");
-  const torch::Tensor order = order_in.has_value() ? *order_in : torch::Tensor();
+  const torch::Tensor order = order_in.has_value() ? order_in->contiguous() : torch::Tensor();
   const bool has_order = order.defined() && order.numel() > 0;
   check(!has_order || (order.scalar_type() == torch::kLong && order.numel() == T),
         "order must be int64 [T]");
@@ -488,7 +503,9 @@ void multi_lora_cpu(const torch::Tensor& x_in, const torch::Tensor& A, const tor
   const int64_t* bo = b_off.data_ptr<int64_t>();
   // Bounds: every group inside [0, T), every token index in range, every adapter inside
   // its buffer; the kernel then never reads or writes out of bounds.
-  std::vector<int64_t> items;
+  std::vector<Item> items;
+  std::vector<int64_t> gemm_groups;
+  const bool gemm = gemm_min_tokens > 0 && out.scalar_type() == x.scalar_type();
   for (int64_t g = 0; g < G; ++g) {
     const int64_t k = g_slot[g];
     check(k >= -1 && k < K, "group slot out of range");
@@ -505,26 +522,51 @@ void multi_lora_cpu(const torch::Tensor& x_in, const torch::Tensor& A, const tor
             "adapter rows outside the packed buffers");
     }
     if (!any && !overwrite) continue;
+    if (gemm && g_len[g] >= gemm_min_tokens) {
+      gemm_groups.push_back(g);
+      continue;
+    }
     for (int64_t f = 0; f < g_len[g]; f += kChunk)
-      items.insert(items.end(), {g, f, std::min<int64_t>(kChunk, g_len[g] - f)});
+      items.push_back({g, f, std::min<int64_t>(kChunk, g_len[g] - f), 0, S});
   }
   if (has_order)
     for (int64_t t = 0; t < T; ++t) check(ord[t] >= 0 && ord[t] < T, "order index out of range");
+  // Multiply-adds of an item (its tokens times the ranks and widths of its slices).
+  auto cost_of = [&](const Item& item) {
+    int64_t c = 0;
+    for (int64_t s = item.s0; s < item.s1; ++s)
+      c += item.n * rk[g_slot[item.g] * S + s] * (x.size(1) + slice_d_out[s]);
+    return c;
+  };
   // Every core whatever the mix: while there are fewer items than threads (one adapter serving
-  // every request is the common case), split the item with the most tokens in two, on a tile
-  // boundary, down to halves of two tiles.  Each half re-reads its adapter, which is small
-  // next to the multiply-adds of the tokens that another thread then takes.
+  // every request is the common case), split the costliest item in two: between its slices
+  // (columns of q / k / v, gate / up: no work is repeated) where it has several, else by
+  // tokens on a tile boundary, down to halves of two tiles (each half re-reads its adapter,
+  // which is small next to the multiply-adds of the tokens that another thread then takes).
   const int64_t team = std::max(1, at::get_num_threads());
-  for (int64_t n_items = items.size() / 3; n_items > 0 && n_items < team; ++n_items) {
-    int64_t big = 0;
-    for (int64_t it = 1; it < n_items; ++it)
-      if (items[3 * it + 2] > items[3 * big + 2]) big = it;
-    const int64_t n = items[3 * big + 2];
-    if (n < 4 * kTile) break;
-    const int64_t half = (n / 2 + kTile - 1) / kTile * kTile;
-    const int64_t g = items[3 * big], first = items[3 * big + 1];
-    items[3 * big + 2] = half;
-    items.insert(items.end(), {g, first + half, n - half});
+  while (!items.empty() && static_cast<int64_t>(items.size()) < team) {
+    size_t big = 0;
+    for (size_t it = 1; it < items.size(); ++it)
+      if (cost_of(items[it]) > cost_of(items[big])) big = it;
+    Item& item = items[big];
+    if (item.s1 - item.s0 > 1) {  // the split point that balances the two halves' work
+      const int64_t total = cost_of(item);
+      int64_t cut = item.s0 + 1, best = total;
+      for (int64_t c = item.s0 + 1; c < item.s1; ++c) {
+        const int64_t left = cost_of({item.g, item.first, item.n, item.s0, c});
+        if (std::abs(2 * left - total) < best) best = std::abs(2 * left - total), cut = c;
+      }
+      const Item right{item.g, item.first, item.n, cut, item.s1};
+      item.s1 = cut;
+      items.push_back(right);
+    } else if (item.n >= 4 * kTile) {
+      const int64_t half = (item.n / 2 + kTile - 1) / kTile * kTile;
+      const Item right{item.g, item.first + half, item.n - half, item.s0, item.s1};
+      item.n = half;
+      items.push_back(right);
+    } else {
+      break;
+    }
   }
   std::vector<Slice> slices(S);
   for (int64_t s = 0; s < S; ++s) slices[s] = {slice_d_out[s], slice_col[s]};
@@ -532,28 +574,20 @@ void multi_lora_cpu(const torch::Tensor& x_in, const torch::Tensor& A, const tor
   // run faster on one thread than they take to wake a team).
   // Items go out largest first (longest-processing-time order) so that threads finish together
   // when adapters of very different ranks share a batch.
-  const int64_t n_items = static_cast<int64_t>(items.size() / 3);
-  std::vector<std::pair<int64_t, int64_t>> cost(n_items);
   int64_t work = 0;
-  for (int64_t it = 0; it < n_items; ++it) {
-    const int64_t k = g_slot[items[3 * it]];
-    int64_t c = 0;
-    for (int64_t s = 0; s < S; ++s) c += items[3 * it + 2] * rk[k * S + s] * (x.size(1) + slice_d_out[s]);
-    cost[it] = {-c, it};
-    work += c;
-  }
-  std::sort(cost.begin(), cost.end());
-  std::vector<int64_t> sorted_items(items.size());
-  for (int64_t i = 0; i < n_items; ++i)
-    for (int q = 0; q < 3; ++q) sorted_items[3 * i + q] = items[3 * cost[i].second + q];
-  items.swap(sorted_items);
+  for (const Item& item : items) work += cost_of(item);
+  std::stable_sort(items.begin(), items.end(),
+                   [&](const Item& a, const Item& b) { return cost_of(a) > cost_of(b); });
   const int threads = static_cast<int>(
       std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work >> 20)));
   if (overwrite) {  // rows of no active group are not visited by any item: zero them here
     std::vector<char> covered(T, 0);
-    for (size_t it = 0; it < items.size(); it += 3)
-      for (int64_t i = 0; i < items[it + 2]; ++i) {
-        const int64_t pos = g_start[items[it]] + items[it + 1] + i;
+    for (const int64_t g : gemm_groups)
+      for (int64_t pos = g_start[g]; pos < g_start[g] + g_len[g]; ++pos)
+        covered[has_order ? ord[pos] : pos] = 1;
+    for (const Item& item : items)
+      for (int64_t i = 0; i < item.n; ++i) {
+        const int64_t pos = g_start[item.g] + item.first + i;
         covered[has_order ? ord[pos] : pos] = 1;
       }
     for (int64_t t = 0; t < T; ++t)
@@ -561,6 +595,21 @@ void multi_lora_cpu(const torch::Tensor& x_in, const torch::Tensor& A, const tor
         std::memset(static_cast<char*>(out.data_ptr()) + t * out.stride(0) * out.element_size(), 0,
                     out.size(1) * out.element_size());
   }
+  // the large groups first, each over all threads inside ATen's GEMM
+  for (const int64_t g : gemm_groups) {
+    const int64_t k = g_slot[g];
+    GroupWeights w;
+    for (int64_t s = 0; s < S; ++s) {
+      w.rank.push_back(rk[k * S + s]);
+      w.a_off.push_back(ao[k * S + s]);
+      w.b_off.push_back(bo[k * S + s]);
+      w.scale.push_back(scales.data_ptr<float>()[k * S + s]);
+      w.d_out.push_back(slice_d_out[s]);
+      w.col.push_back(slice_col[s]);
+    }
+    multi_lora_gemm_group(x, A, Bt, ord, g_start[g], g_len[g], w, out, overwrite);
+  }
+  if (items.empty()) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multi_lora_cpu", [&] {
     if (out.scalar_type() == torch::kFloat)
       launch<scalar_t, float>(x, A, Bt, items, ord, g_slot, g_start, ranks, a_off, b_off, scales,
@@ -609,7 +658,7 @@ void register_multi_lora(pybind11::module_& m) {
         py::arg("A"), py::arg("Bt"), py::arg("order"), py::arg("group_slot"),
         py::arg("group_start"), py::arg("group_len"), py::arg("ranks"), py::arg("a_off"),
         py::arg("b_off"), py::arg("scales"), py::arg("slice_d_out"), py::arg("slice_col"),
-        py::arg("out"), py::arg("overwrite") = false);
+        py::arg("out"), py::arg("overwrite") = false, py::arg("gemm_min_tokens") = 0);
   m.def("token_meta", &token_meta_cpu,
         "(order, group_start, group_len) of per-token slots: a stable counting sort",
         py::arg("token_slots"), py::arg("max_slots"));

@@ -47,7 +47,7 @@ class NativeSources:
 
 
 FAMILIES: dict[str, NativeSources] = {
-    "multi_lora": NativeSources(cpu=("multi_lora_cpu.cpp",)),
+    "multi_lora": NativeSources(cpu=("multi_lora_cpu.cpp", "multi_lora_gemm_cpu.cpp")),
     "sensitivity": NativeSources(cpu=("sensitivity_cpu.cpp",)),
 }
 

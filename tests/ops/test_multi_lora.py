@@ -203,13 +203,16 @@ def test_cpp_threads_do_not_change_the_result():
 
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="native ops not built")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tokens", [9, 16, 37, 64, 130])
-def test_cpp_one_adapter_split_across_threads(dtype, tokens):
-    """One adapter serving every token (fewer work items than threads): its tokens are split
-    into tile-aligned parts for the threads; every row is written once, by one part, and the
-    result does not depend on the thread count."""
-    d_in, sizes = 300, [256, 40]
-    adapters = make_adapters([None, (16, 5)], d_in, sizes, dtype=dtype, seed=tokens)
+@pytest.mark.parametrize("tokens", [3, 9, 16, 37, 64, 130])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_cpp_one_adapter_split_across_threads(dtype, tokens, overwrite):
+    """One adapter serving every token (fewer work items than threads): its slices (a rank-0
+    one among them, zeroed when overwriting), then its tokens in tile-aligned parts, are split
+    between the threads; every element is written once, by one part, and the result does not
+    depend on the thread count.  Sizes give even 3 tokens the > 2 × 2^20 multiply-adds from
+    which the kernel wakes a second thread."""
+    d_in, sizes = 1024, [8192, 2048, 64]
+    adapters = make_adapters([None, (72, 16, 0)], d_in, sizes, dtype=dtype, seed=tokens)
     adapters = [a and [(A / d_in**0.5, B, s) for A, B, s in a] for a in adapters]
     packed = PackedAdapters.from_list(adapters, d_out=sizes)
     gen = generator(f"one adapter {tokens}")
@@ -217,17 +220,21 @@ def test_cpp_one_adapter_split_across_threads(dtype, tokens):
     slots = torch.ones(tokens, dtype=torch.long)
     slots[tokens // 3] = -1  # one token without the adapter, in the middle of the group
     ref = oracles.multi_lora(x, slots, adapters, sizes)
+    base = torch.randn(tokens, sum(sizes), generator=gen)
+    meta = ml.build_token_meta(slots, packed.max_slots)
+    fn = forward_kernel(torch.device("cpu"), "cpp")
     outs = {}
     before = torch.get_num_threads()
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            out = torch.full((tokens, sum(sizes)), float("nan"), dtype=torch.float32)
-            outs[threads] = multi_lora(x, slots, packed, backend="cpp", out=out.zero_())
+            out = torch.full_like(base, float("nan")) if overwrite else base.clone()
+            outs[threads] = fn(x, packed.weights(), meta, out, overwrite=overwrite)
     finally:
         torch.set_num_threads(before)
+    want = ref if overwrite else ref + base.double()
     for threads, out in outs.items():
-        assert_close(out, ref, torch.float32, what=f"{threads} threads")
+        assert_close(out, want, torch.float32, what=f"{threads} threads")
     assert torch.equal(outs[1], outs[2]) and torch.equal(outs[1], outs[3])
 
 
