@@ -76,8 +76,9 @@ def kernel_args(ext, case: bench.Case, out: torch.Tensor) -> tuple:  # noqa: ANN
     args = list(native_args(case.x, case.packed.weights(), case.step_meta(), out, True))
     if args[3] is None:
         args[3] = torch.empty(0, dtype=torch.int64)
-    if "gemm_min_tokens" not in (ext.multi_lora.__doc__ or ""):
-        args.pop()
+    for newer in ("gemm_min_macs", "gemm_min_tokens"):
+        if newer not in (ext.multi_lora.__doc__ or ""):
+            args.pop()
     return tuple(args)
 
 

@@ -1,16 +1,17 @@
 """Where the ``cpp`` backend's GEMM route pays: the fused FMA kernel against ATen's GEMM
 (oneDNN: AMX tiles or AVX512-BF16 where the CPU has them) on one adapter's group of n tokens,
-timed interleaved, for the table ``GEMM_MIN_TOKENS`` in slora/kernels/multi_lora/cpp_backend.py.
+timed interleaved, for the table ``GEMM_ROUTES`` in slora/kernels/multi_lora/cpp_backend.py.
 
     python benchmarks/bench_multi_lora_gemm_cpu.py [--dtype bfloat16 ...] [--rank 8 16 64] \
         [--tokens 4 8 16 32 64 128 256 512] [--d 2048] [--threads 2] [--rounds 7] [--out DIR]
 
 Both routes are the same native op called directly with the step metadata prebuilt, only its
-``gemm_min_tokens`` argument differs (0: fused; 1: GEMM); their outputs must agree.  Per
+GEMM thresholds differ (never; every group); their outputs must agree.  Per
 (dtype, rank, n): the median and range over rounds of each route's time and of the per-round
 ratio fused / GEMM (> 1: the GEMM is faster), then, per dtype, the smallest n from which the
-GEMM is faster for every rank and every larger n measured — the crossover to put in the
-table.  Results (with the CPU and its AMX / AVX512-BF16 flags) go to DIR/gemm_crossover.json
+GEMM is faster for every rank and every larger n measured, and the fewest multiply-adds
+(n · r · 2d) of a case from which the GEMM wins in every larger case: the two thresholds of
+the table.  Results (with the CPU and its AMX / AVX512-BF16 flags) go to DIR/gemm_crossover.json
 and a PNG.
 """
 
@@ -37,7 +38,7 @@ def time_routes(case: bench.Case, threads: int, rounds: int) -> dict[str, list[f
     fns = {}
     for route, out in outs.items():
         args = list(native_args(case.x, case.packed.weights(), case.step_meta(), out, True))
-        args[-1] = 0 if route == "fused" else 1
+        args[-2:] = (0, 0) if route == "fused" else (1, 0)
         fns[route] = lambda args=args: ext.multi_lora(*args)
         fns[route]()
     tol = 1e-4 if case.x.dtype == torch.float32 else 2e-2
@@ -62,6 +63,18 @@ def crossover(rows: list[dict], dtype: str) -> int:
             best = n
         else:
             break
+    return best
+
+
+def crossover_macs(rows: list[dict], dtype: str) -> int:
+    """Fewest multiply-adds from which the GEMM wins in every case with as many or more; 0 when
+    it never wins in the largest case."""
+    sub = sorted((r for r in rows if r["dtype"] == dtype), key=lambda r: r["macs"])
+    best = 0
+    for r in reversed(sub):
+        if r["ratio_median"] <= 1:
+            break
+        best = r["macs"]
     return best
 
 
@@ -112,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                                          dtype=bench.DTYPES[name])  # fmt: skip
                 t = time_routes(case, args.threads, args.rounds)
                 ratios = [f / g for f, g in zip(t["fused"], t["gemm"])]
-                row = {"dtype": name, "rank": rank, "tokens": n,
+                row = {"dtype": name, "rank": rank, "tokens": n, "macs": n * rank * 2 * args.d,
                        "fused_us": statistics.median(t["fused"]) * 1e6,
                        "gemm_us": statistics.median(t["gemm"]) * 1e6,
                        "ratio_median": statistics.median(ratios),
@@ -125,13 +138,15 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine,
         "d": args.d,
         "rows": rows,
-        "crossover": {name: crossover(rows, name) for name in {r["dtype"] for r in rows}},
+        "crossover_tokens": {name: crossover(rows, name) for name in {r["dtype"] for r in rows}},
+        "crossover_macs": {name: crossover_macs(rows, name) for name in {r["dtype"] for r in rows}},
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gemm_crossover.json").write_text(json.dumps(result, indent=1))
     plot(rows, out / "gemm_crossover.png")
-    print("crossover (0 = the GEMM never wins):", json.dumps(result["crossover"]))
+    print("crossover (0 = the GEMM never wins): tokens", json.dumps(result["crossover_tokens"]),
+          "multiply-adds", json.dumps(result["crossover_macs"]))  # fmt: skip
     return 0
 
 

@@ -107,6 +107,16 @@ struct Scratch {
 template <typename W>
 constexpr int kStep = kBf16Pairs && std::is_same_v<W, BF16> ? 2 * kVW : kVW;
 
+// Whether bf16 x bf16 dot products run on AVX512-BF16 (vdpbf16ps: a pair of bf16 products
+// added into each fp32 lane, no widening; the products are exact in fp32 like the FMAs'):
+// the shrink then reads bf16 x and A in place at every token count.
+template <typename T>
+#if defined(__AVX512BF16__)
+constexpr bool kDpBf16 = std::is_same_v<T, BF16>;
+#else
+constexpr bool kDpBf16 = false;
+#endif
+
 template <int NT, typename X, typename W>
 inline void dot_tile(const X* const* xs, const W* const* ws, int64_t k0, int64_t k1,
                      float* part) {
@@ -115,6 +125,19 @@ inline void dot_tile(const X* const* xs, const W* const* ws, int64_t k0, int64_t
     for (int j = 0; j < kTile; ++j) acc[i][j] = loadu(part + (i * kTile + j) * kVW);
   const W *w0 = ws[0], *w1 = ws[1], *w2 = ws[2], *w3 = ws[3];
   for (int64_t k = k0; k < k1; k += kStep<W>) {
+#if defined(__AVX512BF16__)
+    if constexpr (kDpBf16<W> && std::is_same_v<X, BF16>) {
+      __m512bh w[kTile];
+      for (int j = 0; j < kTile; ++j) std::memcpy(&w[j], ws[j] + k, sizeof(__m512bh));
+      for (int i = 0; i < NT; ++i) {
+        __m512bh xv;
+        std::memcpy(&xv, xs[i] + k, sizeof(xv));
+        for (int j = 0; j < kTile; ++j)
+          acc[i][j] = (vf)_mm512_dpbf16_ps((__m512)acc[i][j], xv, w[j]);
+      }
+      continue;
+    }
+#endif
 #if defined(__AVX512F__)
     if constexpr (kStep<W> == 2 * kVW) {
       vf e0, e1, e2, e3, o0, o1, o2, o3;
@@ -200,9 +223,10 @@ void shrink(const T* const* x, const float* const* xr, int n, const T* a, int64_
           s.h[i * r_pad + j0 + j] = scale * sum;
         }
     };
-    if (n <= kTile || std::is_same_v<T, float>) {
-      // one token tile (decode) or fp32 rows: A read in place, widened in registers, once
-      // per token tile (d_in in L1-sized blocks when several tiles reuse them)
+    if (n <= kTile || std::is_same_v<T, float> || kDpBf16<T>) {
+      // one token tile (decode), fp32 rows or AVX512-BF16 dot products: A read in place
+      // (widened in registers where needed), once per token tile (d_in in L1-sized blocks
+      // when several tiles reuse them)
       const T* wr[kTile];
       for (int j = 0; j < kTile; ++j) wr[j] = j < jn ? a + (j0 + j) * d_in : s.zero_row<T>();
       for (int64_t k0 = 0; k0 < d_vec; k0 += (n <= kTile ? d_vec : kKC)) {
@@ -210,7 +234,7 @@ void shrink(const T* const* x, const float* const* xr, int n, const T* a, int64_
         for (int i0 = 0; i0 < n; i0 += kTile)
           with_tile(std::min(kTile, n - i0), [&](auto nt) {
             float* part = s.part + (size_t)i0 * kTile * kVW;
-            if constexpr (kXInPlace<T>)
+            if constexpr (kXInPlace<T> || kDpBf16<T>)
               dot_tile<nt.value>(x + i0, wr, k0, k1, part);
             else
               dot_tile<nt.value>(xr + i0, wr, k0, k1, part);
@@ -386,8 +410,9 @@ void run_item(const T* x, int64_t stride_x, const T* A, const T* Bt, O* out, int
   const float* xr[kChunk];
   for (int i = 0; i < n; ++i) {
     xt[i] = x + rows[i] * stride_x;
-    xr[i] = kXInPlace<T> && n <= kTile ? nullptr
-                                       : widened_for_dot(xt[i], d_in, s.x + (size_t)i * d_in);
+    xr[i] = (kXInPlace<T> && n <= kTile) || kDpBf16<T>
+                ? nullptr
+                : widened_for_dot(xt[i], d_in, s.x + (size_t)i * d_in);
   }
   for (int64_t q = s0; q < s1; ++q) {
     const int64_t r = ranks[slot * S + q], d_s = slices[q].d_out, col = slices[q].col;
@@ -453,15 +478,18 @@ void launch(const torch::Tensor& x, const torch::Tensor& A, const torch::Tensor&
 void check(bool cond, const char* msg) { TORCH_CHECK(cond, "multi_lora_cpu: ", msg); }
 
 // out += delta.  order: int64 [T], or None / empty (identity); groups: int64 [G] each.
-// Groups of at least gemm_min_tokens tokens (0 = none) go through ATen's GEMM when out has
-// x's dtype (multi_lora_gemm_cpu.cpp); all others through the fused kernel above.
+// Groups of at least gemm_min_tokens tokens (0 = none) and gemm_min_macs multiply-adds go
+// through ATen's GEMM when out has x's dtype (multi_lora_gemm_cpu.cpp: its fixed cost of a
+// few ATen calls must be small next to the multiply-adds it speeds up); all others through
+// the fused kernel above.
 void multi_lora_cpu(const torch::Tensor& x_in, const torch::Tensor& A, const torch::Tensor& Bt,
                     const std::optional<torch::Tensor>& order_in, const torch::Tensor& group_slot,
                     const torch::Tensor& group_start, const torch::Tensor& group_len,
                     const torch::Tensor& ranks, const torch::Tensor& a_off,
                     const torch::Tensor& b_off, const torch::Tensor& scales,
                     const std::vector<int64_t>& slice_d_out, const std::vector<int64_t>& slice_col,
-                    torch::Tensor out, bool overwrite, int64_t gemm_min_tokens) {
+                    torch::Tensor out, bool overwrite, int64_t gemm_min_tokens,
+                    int64_t gemm_min_macs) {
   check(x_in.device().is_cpu() && out.device().is_cpu(), "tensors must be on the CPU");
   check(x_in.dim() == 2, "x must be [T, d_in]");
   const torch::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
@@ -513,16 +541,18 @@ void multi_lora_cpu(const torch::Tensor& x_in, const torch::Tensor& A, const tor
           "group outside the tokens");
     if (k < 0 || g_len[g] == 0) continue;
     bool any = false;
+    int64_t macs = 0;
     for (int64_t s = 0; s < S; ++s) {
       const int64_t r = rk[k * S + s];
       if (r == 0) continue;
       any = true;
+      macs += g_len[g] * r * (x.size(1) + slice_d_out[s]);
       check(r > 0 && ao[k * S + s] >= 0 && ao[k * S + s] + r <= A.size(0) && bo[k * S + s] >= 0 &&
                 bo[k * S + s] + r * slice_d_out[s] <= Bt.numel(),
             "adapter rows outside the packed buffers");
     }
     if (!any && !overwrite) continue;
-    if (gemm && g_len[g] >= gemm_min_tokens) {
+    if (gemm && g_len[g] >= gemm_min_tokens && macs >= gemm_min_macs) {
       gemm_groups.push_back(g);
       continue;
     }
@@ -658,7 +688,8 @@ void register_multi_lora(pybind11::module_& m) {
         py::arg("A"), py::arg("Bt"), py::arg("order"), py::arg("group_slot"),
         py::arg("group_start"), py::arg("group_len"), py::arg("ranks"), py::arg("a_off"),
         py::arg("b_off"), py::arg("scales"), py::arg("slice_d_out"), py::arg("slice_col"),
-        py::arg("out"), py::arg("overwrite") = false, py::arg("gemm_min_tokens") = 0);
+        py::arg("out"), py::arg("overwrite") = false, py::arg("gemm_min_tokens") = 0,
+        py::arg("gemm_min_macs") = 0);
   m.def("token_meta", &token_meta_cpu,
         "(order, group_start, group_len) of per-token slots: a stable counting sort",
         py::arg("token_slots"), py::arg("max_slots"));

@@ -22,6 +22,7 @@ ENV_VARS = (
     "SLORA_BACKEND",
     "SLORA_NO_NATIVE",
     "SLORA_NATIVE_MARCH",
+    "SLORA_CPU_GEMM_MIN_TOKENS",
     "SLORA_CACHE",
     "SLORA_DATA",
     "TRITON_INTERPRET",
@@ -80,6 +81,30 @@ def _native() -> str:
     return "; ".join(f"{k}: {v}" for k, v in _native.status.items()) or "no native sources"
 
 
+def _cpu() -> list[tuple[str, str]]:
+    """The CPU's model and the units that decide its paths, and from how many tokens of one
+    adapter the ``cpp`` backend uses ATen's GEMM (oneDNN: AMX / AVX512-BF16)."""
+    import torch
+
+    from slora.kernels import cpu_features
+    from slora.kernels.multi_lora import cpp_backend
+
+    facts = cpu_features.summary()
+    flags = [flag for flag in cpu_features.REPORTED_FLAGS if facts[flag]]
+    routes = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        try:
+            n, macs = cpp_backend.gemm_route(dtype)
+            when = f"≥ {n} tokens and ≥ {macs / 1e6:g}M multiply-adds" if n else "never"
+            routes.append(f"{str(dtype)[6:]}: {when}")
+        except ValueError as exc:  # a bad SLORA_CPU_GEMM_MIN_TOKENS: say so, keep reporting
+            routes.append(f"{str(dtype)[6:]}: error ({exc})")
+    return [
+        ("CPU", f"{facts['cpu']}; {' '.join(flags) or 'no AVX2/AVX-512/AMX flags reported'}"),
+        ("CPU GEMM route", ", ".join(routes)),
+    ]
+
+
 def _backends() -> list[tuple[str, str]]:
     """Per op and device: the resolved backend and the function that will run."""
     import torch
@@ -123,6 +148,7 @@ def collect() -> list[tuple[str, str]]:
     rows.append(("C++ compiler", _compiler()))
     rows.append(("native C++ ops", _native()))
     rows.append(("Triton kernels", _triton()))
+    rows += _cpu()
     rows += _backends()
     rows.append(("embedded data", f"{embedded.data_dir()} ({_embedded_state(embedded)})"))
     rows += [(f"${v}", os.environ[v]) for v in ENV_VARS if v in os.environ]

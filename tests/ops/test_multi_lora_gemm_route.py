@@ -1,6 +1,6 @@
 """The ``cpp`` backend's GEMM route (csrc/multi_lora_gemm_cpu.cpp): groups of many tokens of
 one adapter computed with ATen's matrix multiply.  Which groups take it depends on the CPU
-(``cpp_backend.gemm_min_tokens``); ``SLORA_CPU_GEMM_MIN_TOKENS`` forces it, so every route is
+(``cpp_backend.gemm_route``); ``SLORA_CPU_GEMM_MIN_TOKENS`` forces it, so every route is
 checked against the float64 oracle on any machine: all groups through the GEMM (1), a mix of
 both routes in one call (6), none (0)."""
 
@@ -102,21 +102,21 @@ def test_bad_threshold_names_the_variable(monkeypatch, value):
     cpp_backend.reset_gemm_choice()
     try:
         with pytest.raises(ValueError, match=f"{cpp_backend.GEMM_ENV}='{value}': expected"):
-            cpp_backend.gemm_min_tokens(torch.bfloat16)
+            cpp_backend.gemm_route(torch.bfloat16)
     finally:
         cpp_backend.reset_gemm_choice()
 
 
 def test_default_choice_follows_the_cpu_table(monkeypatch):
     """Without the variable, a dtype takes the GEMM route only where the table names one of
-    the CPU's flags for it (fp32 never: the fused kernel is as fast)."""
+    the CPU's flags for it; fp32 never."""
     monkeypatch.delenv(cpp_backend.GEMM_ENV, raising=False)
     cpp_backend.reset_gemm_choice()
     monkeypatch.setattr(cpp_backend.cpu_features, "has", lambda flag: flag == "amx_bf16")
     try:
-        assert cpp_backend.gemm_min_tokens(torch.bfloat16) == cpp_backend.GEMM_MIN_TOKENS[
-            ("amx_bf16", torch.bfloat16)]  # fmt: skip
-        assert cpp_backend.gemm_min_tokens(torch.float16) == 0  # amx_fp16 not reported
-        assert cpp_backend.gemm_min_tokens(torch.float32) == 0
+        want = cpp_backend.GEMM_ROUTES[("amx_bf16", torch.bfloat16)]
+        assert cpp_backend.gemm_route(torch.bfloat16) == want and want[0] > 0
+        assert cpp_backend.gemm_route(torch.float16) == cpp_backend.NEVER  # no amx_fp16
+        assert cpp_backend.gemm_route(torch.float32) == cpp_backend.NEVER
     finally:
         cpp_backend.reset_gemm_choice()

@@ -2,7 +2,7 @@
 ``multi_lora_cpu.cpp`` (shrink + expand per chunk of a group's tokens, OpenMP over chunks,
 ``torch.get_num_threads()`` threads) and, for groups of many tokens, the GEMM route of
 ``multi_lora_gemm_cpu.cpp`` (ATen's matrix multiply: oneDNN on AMX tiles or AVX512-BF16 where
-the CPU has them).  :func:`gemm_min_tokens` decides which groups take the GEMM route."""
+the CPU has them).  :func:`gemm_route` decides which groups take the GEMM route."""
 
 from __future__ import annotations
 
@@ -18,34 +18,36 @@ from slora.kernels.multi_lora.weights import KernelWeights
 
 GEMM_ENV = "SLORA_CPU_GEMM_MIN_TOKENS"
 
-# Tokens of one adapter from which ATen's GEMM beats the fused FMA kernel, by the CPU's matrix
-# and dot-product units (0 = never).  Measured with benchmarks/bench_multi_lora_gemm_cpu.py
-# (docs/kernels.md, "The CPU's GEMM route", has the numbers and how to re-measure).
-GEMM_MIN_TOKENS = {
-    # AMX: a tile is 16 rows of bf16 / fp16
-    ("amx_bf16", torch.bfloat16): 16,
-    ("amx_fp16", torch.float16): 16,
-    # AVX512-BF16 without AMX (AMD Zen 4, Intel Cooper Lake)
-    ("avx512_bf16", torch.bfloat16): 0,
+# From which group of one adapter ATen's GEMM beats the fused FMA kernel, by the CPU's matrix
+# and dot-product units: (tokens, multiply-adds), both needed — the GEMM route costs a few
+# ATen calls per slice, which only many multiply-adds repay.  The first flag the CPU reports
+# decides; none: never (docs/kernels.md, "The CPU's GEMM route": measurements and how to
+# re-measure with benchmarks/bench_multi_lora_gemm_cpu.py).
+GEMM_ROUTES: dict[tuple[str, torch.dtype], tuple[int, int]] = {
+    # AMX (not measured by this project yet: no AMX machine was available): a tile is 16 rows;
+    # 4M multiply-adds take ~40 µs at the fused kernel's ~110 GFLOP/s per core
+    ("amx_bf16", torch.bfloat16): (16, 1 << 22),
+    ("amx_fp16", torch.float16): (16, 1 << 22),
 }
+NEVER = (0, 0)
 
-_chosen: dict[torch.dtype, int] = {}
+_chosen: dict[torch.dtype, tuple[int, int]] = {}
 
 
-def gemm_min_tokens(dtype: torch.dtype) -> int:
-    """Group size (tokens of one adapter) from which the ``cpp`` backend computes a group with
-    ATen's GEMM instead of its fused kernel, for inputs of ``dtype``; 0 = never.
+def gemm_route(dtype: torch.dtype) -> tuple[int, int]:
+    """(tokens, multiply-adds) from which the ``cpp`` backend computes one adapter's group with
+    ATen's GEMM instead of its fused kernel, for inputs of ``dtype``; (0, 0) = never.
 
-    ``SLORA_CPU_GEMM_MIN_TOKENS`` (an integer ≥ 0) overrides the measured table for every
-    dtype: 1 sends every group through the GEMM, 0 none (the tests run both routes that way on
-    any CPU)."""
+    ``SLORA_CPU_GEMM_MIN_TOKENS`` (an integer ≥ 0) overrides the table for every dtype, with
+    no multiply-add minimum: 1 sends every group through the GEMM, 0 none (the tests run both
+    routes that way on any CPU)."""
     chosen = _chosen.get(dtype)
     if chosen is None:
         chosen = _chosen[dtype] = _choose(dtype)
     return chosen
 
 
-def _choose(dtype: torch.dtype) -> int:
+def _choose(dtype: torch.dtype) -> tuple[int, int]:
     raw = os.environ.get(GEMM_ENV, "").strip()
     if raw:
         if not raw.isdigit():
@@ -53,11 +55,11 @@ def _choose(dtype: torch.dtype) -> int:
                 f"{GEMM_ENV}={raw!r}: expected a whole number of tokens ≥ 0 "
                 "(1 = every group through ATen's GEMM, 0 = none)"
             )
-        return int(raw)
-    for (flag, table_dtype), tokens in GEMM_MIN_TOKENS.items():
+        return int(raw), 0
+    for (flag, table_dtype), route in GEMM_ROUTES.items():
         if table_dtype == dtype and cpu_features.has(flag):
-            return tokens
-    return 0
+            return route
+    return NEVER
 
 
 def reset_gemm_choice() -> None:
@@ -73,7 +75,7 @@ def native_args(
     return (
         x, w.A, w.Bt, meta.order, meta.group_slot, meta.group_start, meta.group_len,
         w.ranks, w.a_offsets, w.b_offsets, w.scales, w.slice_sizes, w.col_starts, out, overwrite,
-        gemm_min_tokens(x.dtype),
+        *gemm_route(x.dtype),
     )  # fmt: skip
 
 
