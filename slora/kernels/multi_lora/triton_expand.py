@@ -17,6 +17,14 @@ from slora.kernels.multi_lora.triton_utils import tile_rows
 
 
 @triton.jit
+def _round_bf16(v):
+    """fp32 ``v`` rounded to the nearest bf16 (ties to even), as an fp32 (finite ``v``)."""
+    b = v.to(tl.uint32, bitcast=True)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def expand_kernel(
     h_ptr, bt_ptr, out_ptr, order_ptr, tile_group_ptr, tile_first_ptr,
     group_slot_ptr, group_start_ptr, group_len_ptr,
@@ -61,13 +69,15 @@ def expand_kernel(
             other=0.0,
         )
         if DOT == "split":
-            hi = ht.to(bt.dtype)
-            lo = (ht - hi.to(tl.float32)).to(bt.dtype)
-            if UPCAST:  # the interpreter: the same bf16 parts, multiplied exactly in fp32
+            if UPCAST:  # the interpreter (its bf16 casts truncate, its bf16 dot is wrong):
+                hi = _round_bf16(ht)  # the GPU's round-to-nearest parts, kept in fp32 and
+                lo = _round_bf16(ht - hi)  # multiplied exactly there
                 b32 = bt.to(tl.float32)
-                acc = tl.dot(hi.to(tl.float32), b32, acc, input_precision="ieee")
-                acc = tl.dot(lo.to(tl.float32), b32, acc, input_precision="ieee")
+                acc = tl.dot(hi, b32, acc, input_precision="ieee")
+                acc = tl.dot(lo, b32, acc, input_precision="ieee")
             else:
+                hi = ht.to(tl.bfloat16)
+                lo = (ht - hi.to(tl.float32)).to(tl.bfloat16)
                 acc = tl.dot(hi, bt, acc)
                 acc = tl.dot(lo, bt, acc)
         else:
