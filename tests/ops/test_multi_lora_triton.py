@@ -16,15 +16,18 @@ import torch
 from conftest import BACKENDS, assert_close, generator, make_adapters
 
 from slora import ops
+from slora.kernels.multi_lora import triton_utils
 from slora.kernels.multi_lora.meta import TILE_M
 from slora.ops import PackedAdapters, multi_lora
 
 SHAPES = {
-    # name: (per-slot ranks (None = empty slot), d_in, slice sizes, tokens per slot (−1 last))
-    "multi_k_multi_tile": ([(16, 8), (5, 0), None], 200, [64, 24], [52, 30, 0, 18]),
-    "one_k_one_tile": ([(1,), (20,), (7,)], 40, [48], [9, 14, 3, 7]),  # T = 33
-    # 3 slices × r_max 96 = 288 (slice, rank) columns: two shrink column blocks
-    "two_column_blocks": ([(3, 40, 96), (2, 2, 2)], 48, [16, 16, 20], [17, 3, 0]),
+    # name: (per-slot ranks (None = empty slot), d_in, slice sizes, tokens per slot (−1 last),
+    #        the shrink's minimum program count: None = the default, which gives small
+    #        batches narrow column blocks; 1 = the widest blocks, x read once per tile)
+    "multi_k_multi_tile": ([(16, 8), (5, 0), None], 200, [64, 24], [52, 30, 0, 18], None),
+    "one_k_one_tile": ([(1,), (20,), (7,)], 40, [48], [9, 14, 3, 7], 1),  # T = 33
+    # 3 slices × r_max 96 = 288 (slice, rank) columns: two column blocks of 256
+    "two_column_blocks": ([(3, 40, 96), (2, 2, 2)], 48, [16, 16, 20], [17, 3, 0], 1),
 }
 assert SHAPES["multi_k_multi_tile"][3][0] >= 3 * TILE_M and sum(SHAPES["one_k_one_tile"][3]) <= 33
 # (x dtype, out dtype): fp32; bf16 into bf16 and into fp32 (mixed); fp16
@@ -48,7 +51,7 @@ def _need(device: str) -> None:
 
 def _case(name: str, dtype: torch.dtype, device: str, segments: bool):
     """Adapters, x and the per-token slots of ``name`` (slots contiguous for segments)."""
-    ranks, d_in, sizes, per_slot = SHAPES[name]
+    ranks, d_in, sizes, per_slot, _ = SHAPES[name]
     adapters = make_adapters(ranks, d_in, sizes, dtype=dtype, seed=name)
     counts = list(per_slot)
     slots = torch.cat([torch.full((n,), k if k < len(ranks) else -1) for k, n in
@@ -76,8 +79,10 @@ def _meta(packed, slots, counts, segments, device, tiles):  # noqa: ANN001
 @pytest.mark.parametrize("dtypes", DTYPES, ids=lambda d: f"{d[0]}-{d[1]}".replace("torch.", ""))
 @pytest.mark.parametrize("form", ["token", "segment"])
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_triton_shapes_match_float64(shape, form, dtypes, device):
+def test_triton_shapes_match_float64(shape, form, dtypes, device, monkeypatch):
     _need(device)
+    if SHAPES[shape][4] is not None:
+        monkeypatch.setattr(triton_utils, "SHRINK_MIN_PROGRAMS", SHAPES[shape][4])
     dtype, out_dtype = dtypes
     segments = form == "segment"
     packed, x, slots, ref, counts = _case(shape, dtype, device, segments)

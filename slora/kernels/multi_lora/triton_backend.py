@@ -10,6 +10,7 @@ import torch
 import triton
 from torch import Tensor
 
+from slora.kernels.multi_lora import triton_utils
 from slora.kernels.multi_lora.meta import LoRAMeta
 from slora.kernels.multi_lora.packed import KernelWeights
 from slora.kernels.multi_lora.triton_expand import expand_kernel
@@ -46,7 +47,7 @@ def multi_lora_triton(
     # The interpreter's bf16 dot is wrong (numpy has no bf16): upcast there, exactly.
     upcast = x.device.type == "cpu" and x.dtype == torch.bfloat16
     slots = w.ranks.shape[0]
-    bc = shrink_cols(S, r_max)
+    bc = shrink_cols(S, r_max, n_tiles, triton_utils.SHRINK_MIN_PROGRAMS)
     bk = (32 if bc >= 256 else 64) if fp32 else 64
     br, bn = 16, 64
     groups = (meta.group_slot, meta.group_start, meta.group_len, w.ranks)

@@ -18,15 +18,25 @@ from slora.kernels.multi_lora.meta import TILE_M, tile_map
 
 BLOCK_M = TILE_M  # token rows per program
 SHRINK_MAX_COLS = 256  # (slice, rank) columns one shrink program computes from one read of x
+# Fewer shrink programs than this leave most of a GPU's SMs idle (an H100 has 132): decode
+# batches then take narrower column blocks (x, a few KiB per tile, is re-read from L2).
+SHRINK_MIN_PROGRAMS = 256
 
-__all__ = ["BLOCK_M", "SHRINK_MAX_COLS", "shrink_cols", "tile_map", "tile_rows"]
+__all__ = ["BLOCK_M", "SHRINK_MAX_COLS", "SHRINK_MIN_PROGRAMS", "shrink_cols", "tile_map",
+           "tile_rows"]  # fmt: skip
 
 
-def shrink_cols(n_slices: int, r_max: int) -> int:
-    """Columns per shrink program: all ``n_slices · r_max`` (slice, rank) columns rounded up to
-    a power of two (x read once per tile), capped at :data:`SHRINK_MAX_COLS` for registers
-    (x then read ``cdiv(n_slices · r_max, 256)`` times: twice for 3 slices of rank 128)."""
-    return max(16, min(triton.next_power_of_2(n_slices * r_max), SHRINK_MAX_COLS))
+def shrink_cols(n_slices: int, r_max: int, n_tiles: int,
+                min_programs: int = SHRINK_MIN_PROGRAMS) -> int:  # fmt: skip
+    """Columns per shrink program: all ``n_slices · r_max`` (slice, rank) columns rounded up
+    to a power of two, capped at :data:`SHRINK_MAX_COLS` for registers — x then read once per
+    tile (twice at 3 slices of rank 128) — and halved (down to 16) while the grid would have
+    fewer than ``min_programs`` programs: prefill reads x once, decode keeps the GPU busy."""
+    cols = n_slices * r_max
+    bc = max(16, min(triton.next_power_of_2(cols), SHRINK_MAX_COLS))
+    while bc > 16 and n_tiles * triton.cdiv(cols, bc) < min_programs:
+        bc //= 2
+    return bc
 
 
 @triton.jit
