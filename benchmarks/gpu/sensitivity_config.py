@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     model, batches = build(args.dry_run, args.device, dtype)
     runs = {"plain backward": lambda: plain(model, batches),
             "sensitivity pass": lambda: sensitivity(model, batches)}  # fmt: skip
-    for fn in runs.values():  # warm-up (allocator, kernels)
+    for fn in runs.values() if not args.dry_run else ():  # warm-up (allocator, kernels)
         fn()
     times: dict[str, list[float]] = {name: [] for name in runs}
     for rnd in range(args.repeats):

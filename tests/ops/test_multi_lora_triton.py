@@ -16,6 +16,8 @@ import torch
 from conftest import BACKENDS, assert_close, generator, make_adapters
 
 from slora import ops
+from slora.integrations.vllm.wrapper import StandaloneWrapper
+from slora.kernels.multi_lora import meta as meta_module
 from slora.kernels.multi_lora import triton_utils
 from slora.kernels.multi_lora.meta import TILE_M
 from slora.ops import PackedAdapters, multi_lora
@@ -162,3 +164,44 @@ def test_slot_churn_after_capture(device, dtype):
         run()
         ref = oracles.multi_lora(x, slots, adapters, CHURN_SIZES)
         assert_close(out.cpu(), ref, dtype, what=f"after churn step {i}")
+
+
+# --- the tile map: built once per step ------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_prebuilt_tile_map_is_not_rebuilt(device, monkeypatch):
+    """With the tile map in the metadata a call builds none; without, one per call."""
+    _need(device)
+    packed, x, slots, ref, counts = _case("one_k_one_tile", torch.float32, device, False)
+    built = []
+    real = meta_module.tile_map
+    monkeypatch.setattr(meta_module, "tile_map", lambda *a: built.append(1) or real(*a))
+    meta = ops.build_token_meta(slots.to(device), packed.max_slots, tiles=True)
+    assert len(built) == 1
+    for _ in range(2):
+        y = multi_lora(x.to(device), None, packed, meta=meta, backend="triton")
+        assert_close(y, ref, torch.float32)
+    assert len(built) == 1, "the call rebuilt a prebuilt tile map"
+    bare = ops.build_token_meta(slots.to(device), packed.max_slots, tiles=False)
+    assert bare.tile_group is None and len(built) == 1
+    assert_close(multi_lora(x.to(device), None, packed, meta=bare, backend="triton"), ref)
+    assert len(built) == 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_vllm_wrapper_step_tile_map(device):
+    """The wrapper's per-step map (sized for the largest batch, sliced per layer input) gives
+    the oracle's result for the step's tokens and for CUDA-graph padding rows (no group)."""
+    _need(device)
+    packed, x, slots, ref, _ = _case("multi_k_multi_tile", torch.float32, device, False)
+    T = x.shape[0]
+    wrapper = StandaloneWrapper(T + 40, device, packed.max_slots, tiles=True)
+    wrapper.slora_set_token_slots(slots.to(device))
+    for rows in (T, T + 21):  # the step's tokens, then padded rows (zeros: no adapter)
+        meta = wrapper.slora_meta(rows)
+        assert meta.tile_group.shape == (ops.num_tiles(rows, packed.max_slots),)
+        xp = torch.cat([x, torch.randn(rows - T, x.shape[1])]).to(device)
+        y = multi_lora(xp, None, packed, meta=meta, backend="triton").cpu()
+        assert_close(y[:T], ref, torch.float32)
+        assert (y[T:] == 0).all()

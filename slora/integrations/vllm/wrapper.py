@@ -47,7 +47,9 @@ def _announce(wrapper: str, device: torch.device) -> None:
 class SloraWrapperMixin:
     """The slora part of the wrappers; combined with vLLM's wrapper class below."""
 
-    def _slora_setup(self, max_num_batched_tokens: int, device: Any, lora_config: Any) -> None:
+    def _slora_setup(self, max_num_batched_tokens: int, device: Any, lora_config: Any,
+                     tiles: bool | None = None) -> None:  # fmt: skip
+        """Fixed per-step buffers; ``tiles`` (default: on CUDA) adds the Triton tile map."""
         dev = torch.device(device)
         slots = int(lora_config.max_loras)
         self._slora_slots = slots
@@ -62,7 +64,7 @@ class SloraWrapperMixin:
             self._slora_group_start = torch.zeros(slots, dtype=torch.int64, device=dev)
             self._slora_group_len = torch.zeros(slots, dtype=torch.int64, device=dev)
             # the Triton kernels' tile map, sized for the largest batch (built once per step)
-            self._slora_tiles = dev.type == "cuda"
+            self._slora_tiles = dev.type == "cuda" if tiles is None else tiles
             n_tiles = ops.num_tiles(max_num_batched_tokens, slots) if self._slora_tiles else 0
             self._slora_tile_group = torch.full((n_tiles,), -1, dtype=torch.int32, device=dev)
             self._slora_tile_first = torch.zeros(n_tiles, dtype=torch.int32, device=dev)
@@ -235,10 +237,12 @@ class StandaloneWrapper(SloraWrapperMixin):
     with :meth:`slora_set_token_slots`; layers are anything with vLLM's padded
     ``lora_a_stacked`` / ``lora_b_stacked`` tuples."""
 
-    def __init__(self, max_num_batched_tokens: int, device: Any, max_loras: int) -> None:
+    def __init__(self, max_num_batched_tokens: int, device: Any, max_loras: int,
+                 tiles: bool | None = None) -> None:  # fmt: skip
         from types import SimpleNamespace
 
-        self._slora_setup(max_num_batched_tokens, device, SimpleNamespace(max_loras=max_loras))
+        config = SimpleNamespace(max_loras=max_loras)
+        self._slora_setup(max_num_batched_tokens, device, config, tiles)
 
 
 def gathered_lora(
