@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", required=True)
     ap.add_argument("--dry-run", action="store_true")
     args = ap.parse_args(argv)
-    dtype = torch.float32 if args.dry_run else getattr(torch, args.dtype)
+    dtype = getattr(torch, args.dtype)
     model, batches = build(args.dry_run, args.device, dtype)
     runs = {"plain backward": lambda: plain(model, batches),
             "sensitivity pass": lambda: sensitivity(model, batches)}  # fmt: skip
