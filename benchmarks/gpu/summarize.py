@@ -174,31 +174,31 @@ def markdown(s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def machine() -> dict:
-    try:
-        import torch
+def machine(summary: dict) -> dict:
+    """Device from the steps' results; versions from the installed packages (no torch import:
+    the summary must be written even when torch is broken)."""
+    from importlib import metadata
 
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        version = torch.__version__
-    except Exception as e:  # noqa: BLE001 - the summary must still be written
-        device, version = f"unknown ({e})", "?"
-    try:
-        import triton
-
-        tv = triton.__version__
-    except Exception:  # noqa: BLE001
-        tv = "not installed"
-    return {"device": device, "torch": version, "triton": tv}
+    device = next((d["device"] for d in (summary["kernels"], summary["vllm_wrapper"],
+                   summary["sensitivity"]) if d and d.get("device")), "unknown")  # fmt: skip
+    versions = {}
+    for name in ("torch", "triton"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return {"device": device, **versions}
 
 
 def main(work_dir: str, out_dir: str) -> int:
     work, out = Path(work_dir), Path(out_dir)
     dry, step_rows = steps(work)
     summary = {
-        "machine": machine(), "dry_run": dry, "steps": step_rows, "tests": tests(work),
-        "kernels": kernels(work), "vllm_wrapper": _json(work / "vllm_wrapper.json"),
+        "dry_run": dry, "steps": step_rows, "tests": tests(work), "kernels": kernels(work),
+        "vllm_wrapper": _json(work / "vllm_wrapper.json"),
         "sensitivity": _json(work / "sensitivity.json"),
     }  # fmt: skip
+    summary["machine"] = machine(summary)
     summary["goals"] = goals(summary)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
