@@ -1,8 +1,8 @@
-"""Backend ``triton``: the shrink kernel (x·Aᵀ·scale → fp32 h, every slice and rank from one
-read of x) then the expand kernel (out += h·Bᵀ).  Both grids have fixed sizes (tiles × column
-blocks); programs past a group's tokens, an adapter's true rank or a slice's width return at
-once, so padding costs no reads.  With the tile map in the metadata (built once per step), a
-call is one allocation and two launches."""
+"""Backend ``triton``: the shrink kernel (x·Aᵀ·scale → fp32 h, up to 256 (slice, rank)
+columns from one read of x) then the expand kernel (out += h·Bᵀ).  Both grids have fixed
+sizes (tiles × column blocks); programs past a group's tokens, an adapter's true rank or a
+slice's width return at once, so padding costs no reads.  With the tile map in the metadata
+(built once per step), a call is one allocation and two launches."""
 
 from __future__ import annotations
 

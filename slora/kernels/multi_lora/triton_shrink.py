@@ -2,8 +2,9 @@
 tile of every group (slot k), all slices s and ranks j < rank(k, s) at once.
 
 One program computes a block of BC (slice, rank) columns — all ``S · r_max`` of them up to 256
-— so each tile of x is read once for every slice and rank (earlier: once per 16 ranks and per
-slice, 12 reads at 3 slices of rank 64).  Column c is slice ``c // r_max``, rank row
+for large batches — so each tile of x is read once for every slice and rank (earlier: once per
+16 ranks and per slice, 12 reads at 3 slices of rank 64); small batches take narrower blocks
+for more programs (``triton_utils.shrink_cols``).  Column c is slice ``c // r_max``, rank row
 ``c % r_max``; columns past a slot's true rank are masked, so they read nothing."""
 
 from __future__ import annotations
