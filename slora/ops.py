@@ -72,6 +72,7 @@ from slora.kernels.multi_lora import (  # noqa: E402
 from slora.kernels.multi_lora import library as _ml_lib  # noqa: E402
 from slora.kernels.multi_lora import meta as _ml_meta  # noqa: E402
 from slora.kernels.multi_lora import slices as _ml_slices  # noqa: E402
+from slora.kernels.multi_lora.meta import num_tiles  # noqa: E402, F401 - tile-map length
 
 
 def multi_lora(

@@ -1,7 +1,8 @@
 """Ahead-of-time Triton compiles for Hopper (sm_90) with no GPU: the shared part of the
 ``test_cuda_compile_*`` tests.  A test passes a script body that calls ``build(kernel, sig,
-const)`` for each kernel and prints ``json.dumps(res)``; :func:`compile_for_sm90` runs it in a
-fresh interpreter (without ``TRITON_INTERPRET``) and returns ``res``.  Each entry says the
+const[, num_warps])`` for each kernel and prints ``json.dumps(res)``;
+:func:`compile_for_sm90` runs it in a fresh interpreter (without ``TRITON_INTERPRET``) and
+returns ``res``.  Each entry says the
 cubin's size, the shared memory per block and whether ``tl.dot`` lowered to tensor-core MMA."""
 
 import json
@@ -17,10 +18,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-def build(kernel, sig, const):
+def build(kernel, sig, const, num_warps=4):
     sig = dict(sig, **{n: "constexpr" for n in const})
     idx = {(kernel.arg_names.index(n),): v for n, v in const.items()}
-    out = triton.compile(ASTSource(kernel, sig, idx), target=GPUTarget("cuda", 90, 32))
+    out = triton.compile(ASTSource(kernel, sig, idx), target=GPUTarget("cuda", 90, 32),
+                         options={"num_warps": num_warps})
     return {"cubin": len(out.asm["cubin"]), "shared": out.metadata.shared,
             "mma": "mma" in out.asm["ptx"]}
 """

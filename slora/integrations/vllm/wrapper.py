@@ -47,7 +47,9 @@ def _announce(wrapper: str, device: torch.device) -> None:
 class SloraWrapperMixin:
     """The slora part of the wrappers; combined with vLLM's wrapper class below."""
 
-    def _slora_setup(self, max_num_batched_tokens: int, device: Any, lora_config: Any) -> None:
+    def _slora_setup(self, max_num_batched_tokens: int, device: Any, lora_config: Any,
+                     tiles: bool | None = None) -> None:  # fmt: skip
+        """Fixed per-step buffers; ``tiles`` (default: on CUDA) adds the Triton tile map."""
         dev = torch.device(device)
         slots = int(lora_config.max_loras)
         self._slora_slots = slots
@@ -61,6 +63,12 @@ class SloraWrapperMixin:
             self._slora_group_slot = torch.arange(slots, dtype=torch.int64, device=dev)
             self._slora_group_start = torch.zeros(slots, dtype=torch.int64, device=dev)
             self._slora_group_len = torch.zeros(slots, dtype=torch.int64, device=dev)
+            # the Triton kernels' tile map, sized for the largest batch (built once per step)
+            self._slora_tiles = dev.type == "cuda" if tiles is None else tiles
+            n_tiles = ops.num_tiles(max_num_batched_tokens, slots) if self._slora_tiles else 0
+            self._slora_tile_group = torch.full((n_tiles,), -1, dtype=torch.int32, device=dev)
+            self._slora_tile_first = torch.zeros(n_tiles, dtype=torch.int32, device=dev)
+        self._slora_num_tokens = 0  # this step's real tokens (host int)
 
     # -- adapters -----------------------------------------------------------------------------
 
@@ -127,20 +135,41 @@ class SloraWrapperMixin:
                 f"token_slots has {n} tokens, more than the {self._slora_order.shape[0]} "
                 "the wrapper was built for (max_num_batched_tokens)"
             )
-        meta = ops.build_token_meta(token_slots, self._slora_slots, validate=False)
+        meta = ops.build_token_meta(token_slots, self._slora_slots, validate=False, tiles=False)
         self._slora_order[:n].copy_(meta.order)
         self._slora_group_start.copy_(meta.group_start)
         self._slora_group_len.copy_(meta.group_len)
+        if self._slora_tiles:  # for the largest batch: tiles past this step's are idle (−1)
+            full = ops.LoRAMeta(self._slora_order.shape[0], None, meta.group_slot,
+                                meta.group_start, meta.group_len).with_tiles()  # fmt: skip
+            self._slora_tile_group.copy_(full.tile_group)
+            self._slora_tile_first.copy_(full.tile_first)
+        self._slora_num_tokens = n
 
     def slora_meta(self, num_tokens: int) -> ops.LoRAMeta:
         """This step's token groups for a layer input of ``num_tokens`` rows (rows past the
-        step's real tokens — CUDA-graph padding — belong to no group and are not read)."""
+        step's real tokens — CUDA-graph padding — belong to no group and are not read).
+        Fewer rows than the step's tokens, or more than the buffers hold, are refused: the
+        groups would index rows x does not have."""
+        if not self._slora_num_tokens <= num_tokens <= self._slora_order.shape[0]:
+            raise ValueError(
+                f"the layer input has {num_tokens} rows but this step's token groups cover "
+                f"{self._slora_num_tokens} tokens (buffers for at most "
+                f"{self._slora_order.shape[0]}, max_num_batched_tokens): set the step's "
+                "token slots (update_metadata) for this batch"
+            )
+        tiles: tuple[Tensor | None, Tensor | None] = (None, None)
+        if self._slora_tiles:
+            n = ops.num_tiles(num_tokens, self._slora_slots)
+            tiles = (self._slora_tile_group[:n], self._slora_tile_first[:n])
         return ops.LoRAMeta(
             num_tokens,
             self._slora_order[:num_tokens],
             self._slora_group_slot,
             self._slora_group_start,
             self._slora_group_len,
+            self._slora_slots,
+            *tiles,
         )
 
     # -- the hot path -------------------------------------------------------------------------
@@ -208,10 +237,12 @@ class StandaloneWrapper(SloraWrapperMixin):
     with :meth:`slora_set_token_slots`; layers are anything with vLLM's padded
     ``lora_a_stacked`` / ``lora_b_stacked`` tuples."""
 
-    def __init__(self, max_num_batched_tokens: int, device: Any, max_loras: int) -> None:
+    def __init__(self, max_num_batched_tokens: int, device: Any, max_loras: int,
+                 tiles: bool | None = None) -> None:  # fmt: skip
         from types import SimpleNamespace
 
-        self._slora_setup(max_num_batched_tokens, device, SimpleNamespace(max_loras=max_loras))
+        config = SimpleNamespace(max_loras=max_loras)
+        self._slora_setup(max_num_batched_tokens, device, config, tiles)
 
 
 def gathered_lora(

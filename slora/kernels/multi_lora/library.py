@@ -10,11 +10,12 @@ ops"):
 
 ``<weights>`` is ``A, Bt, ranks, a_offsets, b_offsets, scales, slice_d_out, slice_col,
 slice_sizes, max_rank`` (a :class:`KernelWeights`) and ``<meta>`` is ``order, group_slot,
-group_start, group_len`` (a :class:`LoRAMeta`).  ``backend`` ('' = default) names the kernel:
-the op resolves it when it runs (``slora.kernels.registry.kernel``), so the choice never
-enters a traced graph.  Every forward kernel has the signature
-``fn(x, w: KernelWeights, meta: LoRAMeta, out, overwrite=False) -> out``: ``out += delta``
-(``out = delta`` with ``overwrite``), fp32 accumulation.  Adding a backend: docs/kernels.md.
+group_start, group_len, tile_group, tile_first`` (a :class:`LoRAMeta`; the Triton tile map
+optional: built per call when None).  ``backend`` ('' = default) names the kernel: the op
+resolves it when it runs (``slora.kernels.registry.kernel``), so the choice never enters a
+traced graph.  Every forward kernel has the signature ``fn(x, w: KernelWeights, meta:
+LoRAMeta, out, overwrite=False) -> out``: ``out += delta`` (``out = delta`` with
+``overwrite``), fp32 accumulation.  Adding a backend: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -58,13 +59,17 @@ def _weights(A, Bt, ranks, a_offsets, b_offsets, scales, slice_d_out, slice_col,
     )
 
 
-def _meta(num_tokens: int, order, group_slot, group_start, group_len) -> LoRAMeta:  # noqa: ANN001
-    return LoRAMeta(num_tokens, order, group_slot, group_start, group_len)
+def _meta(num_tokens: int, *groups) -> LoRAMeta:  # noqa: ANN002
+    """order, group_slot, group_start, group_len, tile_group, tile_first -> LoRAMeta."""
+    return LoRAMeta(num_tokens, *groups[:4], 0, *groups[4:])
 
 
 def op_args(w: KernelWeights, meta: LoRAMeta) -> tuple:
     """The positional weight and metadata arguments of the ops, in schema order."""
-    return (*w, meta.order, meta.group_slot, meta.group_start, meta.group_len)
+    return (
+        *w, meta.order, meta.group_slot, meta.group_start, meta.group_len,
+        meta.tile_group, meta.tile_first,
+    )  # fmt: skip
 
 
 def run_kernel(
@@ -99,11 +104,13 @@ def _multi_lora(
     group_slot: Tensor,
     group_start: Tensor,
     group_len: Tensor,
+    tile_group: Tensor | None,
+    tile_first: Tensor | None,
     backend: str,
 ) -> Tensor:
     w = _weights(A, Bt, ranks, a_offsets, b_offsets, scales, slice_d_out, slice_col,
                  slice_sizes, max_rank)  # fmt: skip
-    meta = _meta(x.shape[0], order, group_slot, group_start, group_len)
+    meta = _meta(x.shape[0], order, group_slot, group_start, group_len, tile_group, tile_first)
     out = torch.empty(x.shape[0], sum(slice_sizes), dtype=x.dtype, device=x.device)
     return kernel("multi_lora", x.device, backend)(x, w, meta, out, overwrite=True)
 
@@ -118,7 +125,7 @@ def _multi_lora_fake(x, *args):  # noqa: ANN001
 
 def _setup(ctx, inputs, output) -> None:  # noqa: ANN001
     x, A, Bt, *rest = inputs
-    tensors = [t for t in rest if isinstance(t, Tensor)]
+    tensors = [t for t in rest[:12] if isinstance(t, Tensor)]  # up to group_len: no tile map
     ctx.save_for_backward(x, A, Bt, *tensors)
     ctx.has_order = inputs[11] is not None
     ctx.slice_sizes, ctx.max_rank = inputs[9], inputs[10]
@@ -130,10 +137,10 @@ def _backward(ctx, grad):  # noqa: ANN001
     needs = list(ctx.needs_input_grad[:3])
     dx, dA, dBt = torch.ops.slora.multi_lora_backward(
         grad, x, A, Bt, ranks, a_off, b_off, scales, d_out, col, ctx.slice_sizes,
-        ctx.max_rank, order, *meta, needs,
+        ctx.max_rank, order, *meta, None, None, needs,
     )  # fmt: skip
     grads = [g if need else None for g, need in zip((dx, dA, dBt), needs)]
-    return (*grads, *([None] * 13))
+    return (*grads, *([None] * 15))
 
 
 register_op("multi_lora", _multi_lora, _multi_lora_fake, autograd=(_backward, _setup))
@@ -159,12 +166,14 @@ def _multi_lora_add(
     group_slot: Tensor,
     group_start: Tensor,
     group_len: Tensor,
+    tile_group: Tensor | None,
+    tile_first: Tensor | None,
     backend: str,
     out: Tensor,
 ) -> None:
     w = _weights(A, Bt, ranks, a_offsets, b_offsets, scales, slice_d_out, slice_col,
                  slice_sizes, max_rank)  # fmt: skip
-    meta = _meta(x.shape[0], order, group_slot, group_start, group_len)
+    meta = _meta(x.shape[0], order, group_slot, group_start, group_len, tile_group, tile_first)
     kernel("multi_lora", x.device, backend)(x, w, meta, out)
 
 
@@ -203,11 +212,13 @@ def _multi_lora_backward(
     group_slot: Tensor,
     group_start: Tensor,
     group_len: Tensor,
+    tile_group: Tensor | None,
+    tile_first: Tensor | None,
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
     w = _weights(A, Bt, ranks, a_offsets, b_offsets, scales, slice_d_out, slice_col,
                  slice_sizes, max_rank)  # fmt: skip
-    meta = _meta(x.shape[0], order, group_slot, group_start, group_len)
+    meta = _meta(x.shape[0], order, group_slot, group_start, group_len)  # tiles: unused
     grads = kernel("multi_lora_backward", x.device, "torch")(grad, x, w, meta, tuple(needs))
     return tuple(  # type: ignore[return-value]
         g.to(like.dtype) if g is not None else like.new_empty(0)

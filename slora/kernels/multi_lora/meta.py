@@ -7,17 +7,23 @@ synchronisation, so a server can build a :class:`LoRAMeta` once per step, reuse 
 layer, and capture it in a CUDA graph or a ``torch.compile`` graph.  Value checks raise
 ``ValueError`` in eager mode on the CPU and become device asserts on CUDA and under
 ``torch.compile``.  vLLM's per-token ``token_lora_mapping`` is already a ``token_slots``.
+
+The Triton kernels' *tile map* (which group and which rows each program takes) depends only on
+the groups, so it is part of the metadata too: built by the builders on CUDA (``tiles=True``
+elsewhere) or by :meth:`LoRAMeta.with_tiles`; a meta without one gets it built per call.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from slora.kernels import _native
 from slora.kernels.multi_lora.packed import PackedAdapters
+
+TILE_M = 16  # token rows per Triton program (the tile map's block)
 
 
 @dataclass(frozen=True)
@@ -26,6 +32,8 @@ class LoRAMeta:
 
     ``order`` (int64 [T]) is None when groups index the tokens directly (segment form).
     ``group_slot`` (−1 = no adapter), ``group_start`` and ``group_len`` are int64 [G].
+    ``tile_group`` / ``tile_first`` (int32, ``cdiv(num_tokens, TILE_M) + G`` each, or None):
+    the Triton programs' tile map (:func:`tile_map`), built once per step with the groups.
     """
 
     num_tokens: int
@@ -34,6 +42,45 @@ class LoRAMeta:
     group_start: Tensor
     group_len: Tensor
     max_slots: int = 0  # the slot count the builder checked against (0 = not known)
+    tile_group: Tensor | None = None
+    tile_first: Tensor | None = None
+
+    def with_tiles(self) -> LoRAMeta:
+        """This metadata with its tile map (itself if it has one): build it once per step,
+        not once per layer, and a CUDA call is then just the kernels' two launches."""
+        if self.tile_group is not None:
+            return self
+        tile_group, tile_first = tile_map(self)
+        return replace(self, tile_group=tile_group, tile_first=tile_first)
+
+
+def num_tiles(num_tokens: int, num_groups: int, block_m: int = TILE_M) -> int:
+    """Length of the tile map: every group's tiles fit in ``cdiv(T, BM) + G`` whatever the
+    group sizes (each group wastes less than one tile), so it is known on the host."""
+    return (num_tokens + block_m - 1) // block_m + num_groups
+
+
+def tile_map(meta: LoRAMeta, block_m: int = TILE_M) -> tuple[Tensor, Tensor]:
+    """Map of program tiles to (group, first row in group); group −1 = idle tile.  Fixed
+    shapes, no host sync (a searchsorted over the groups' cumulative tile counts)."""
+    dev = meta.group_len.device
+    active = meta.group_slot >= 0
+    tiles = torch.where(active, (meta.group_len + block_m - 1) // block_m, 0)
+    ends = torch.cumsum(tiles, 0)
+    ids = torch.arange(num_tiles(meta.num_tokens, meta.group_len.shape[0], block_m), device=dev)
+    group = torch.searchsorted(ends, ids, right=True)
+    valid = group < ends.shape[0]
+    g = group.clamp(max=max(ends.shape[0] - 1, 0))
+    first = (ids - (ends[g] - tiles[g])) * block_m
+    tile_group = torch.where(valid, g, -1).to(torch.int32)
+    return tile_group, first.to(torch.int32)
+
+
+def _finish(meta: LoRAMeta, tiles: bool | None) -> LoRAMeta:
+    """Add the tile map when asked (``None``: on CUDA, where the Triton kernels read it)."""
+    if tiles is None:
+        tiles = meta.group_slot.device.type == "cuda"
+    return meta.with_tiles() if tiles else meta
 
 
 def _check_int_vector(t: Tensor, name: str, length: int | None = None) -> None:
@@ -53,9 +100,12 @@ def _check(cond: Tensor, message: str) -> None:
         torch._assert_async(cond, message)
 
 
-def build_token_meta(token_slots: Tensor, max_slots: int, *, validate: bool = True) -> LoRAMeta:
+def build_token_meta(
+    token_slots: Tensor, max_slots: int, *, validate: bool = True, tiles: bool | None = None
+) -> LoRAMeta:
     """Groups of per-token slots (−1 = none, any order): a stable sort by slot and per-slot
-    counts — fixed shapes, no host sync."""
+    counts — fixed shapes, no host sync.  ``tiles``: add the Triton tile map (default: on
+    CUDA)."""
     _check_int_vector(token_slots, "token_slots")
     slots = token_slots.long()
     eager_cpu = slots.device.type == "cpu" and not torch.compiler.is_compiling()
@@ -65,7 +115,9 @@ def build_token_meta(token_slots: Tensor, max_slots: int, *, validate: bool = Tr
         # checks every slot itself, with the message below, whatever `validate` says
         order, starts, counts = native.token_meta(slots, max_slots)
         group_slot = torch.arange(max_slots, dtype=torch.int64)
-        return LoRAMeta(slots.shape[0], order, group_slot, starts, counts, max_slots)
+        return _finish(
+            LoRAMeta(slots.shape[0], order, group_slot, starts, counts, max_slots), tiles
+        )
     message = f"token_slots: every slot must be in [-1, {max_slots}) (−1 = no adapter)"
     if validate and slots.numel():
         _check(((slots >= -1) & (slots < max_slots)).all(), message)
@@ -76,16 +128,24 @@ def build_token_meta(token_slots: Tensor, max_slots: int, *, validate: bool = Tr
     counts.index_add_(0, key, torch.ones_like(key))
     starts = torch.cumsum(counts, 0) - counts
     group_slot = torch.arange(max_slots, dtype=torch.int64, device=slots.device)
-    return LoRAMeta(
+    meta = LoRAMeta(
         slots.shape[0], order, group_slot, starts[:max_slots], counts[:max_slots], max_slots
     )
+    return _finish(meta, tiles)
 
 
 def build_segment_meta(
-    seg_indptr: Tensor, seg_slots: Tensor, num_tokens: int, max_slots: int, *, validate: bool = True
+    seg_indptr: Tensor,
+    seg_slots: Tensor,
+    num_tokens: int,
+    max_slots: int,
+    *,
+    validate: bool = True,
+    tiles: bool | None = None,
 ) -> LoRAMeta:
     """Groups from prefill segments: tokens ``seg_indptr[i] : seg_indptr[i+1]`` use
-    ``seg_slots[i]`` (−1 = none); segments must cover the tokens in order."""
+    ``seg_slots[i]`` (−1 = none); segments must cover the tokens in order.  ``tiles``: add
+    the Triton tile map (default: on CUDA)."""
     _check_int_vector(seg_indptr, "seg_indptr")
     if seg_indptr.shape[0] < 1:
         raise ValueError("seg_indptr must have at least one entry (it starts with 0)")
@@ -103,7 +163,8 @@ def build_segment_meta(
                 ((slots >= -1) & (slots < max_slots)).all(),
                 f"seg_slots: every slot must be in [-1, {max_slots}) (−1 = no adapter)",
             )
-    return LoRAMeta(num_tokens, None, slots, indptr[:-1], indptr.diff(), max_slots)
+    meta = LoRAMeta(num_tokens, None, slots, indptr[:-1], indptr.diff(), max_slots)
+    return _finish(meta, tiles)
 
 
 def check_call(x: Tensor, packed: PackedAdapters, meta: LoRAMeta, out: Tensor | None) -> None:
@@ -135,6 +196,21 @@ def check_call(x: Tensor, packed: PackedAdapters, meta: LoRAMeta, out: Tensor | 
             f"meta was built for {built} tokens but x has {T}: build it for this batch "
             "(build_token_meta / build_segment_meta with the batch's token count)"
         )
+    tile_group = meta.tile_group
+    if tile_group is not None:
+        n = num_tiles(T, meta.group_len.shape[0])
+        tile_first = meta.tile_first
+        if (
+            tile_first is None
+            or tile_group.shape != (n,)
+            or tile_first.shape != (n,)
+            or tile_group.device != device
+        ):
+            raise ValueError(
+                f"meta's tile map must be tile_group and tile_first of [{n}] each "
+                f"(cdiv(tokens, {TILE_M}) + groups) on {device}: build it with "
+                "meta.with_tiles() for this batch"
+            )
     if out is not None:
         if out.shape != (T, packed.d_out) or out.dtype not in (dtype, torch.float32):
             raise ValueError(

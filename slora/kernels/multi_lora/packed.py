@@ -92,6 +92,7 @@ class PackedAdapters:
         self._host: dict[int, list[tuple[int, int, int, float]]] = {}
         self._max_rank = 0  # a plain int, so that torch.compile guards on it without tracing
         self._rank_floor = 0  # see reserve_rank
+        self._rank_limit: int | None = None  # see reserve_rank(limit=True)
         self._weights: KernelWeights | None = None  # see weights()
 
     # -- construction -------------------------------------------------------------------------
@@ -191,6 +192,12 @@ class PackedAdapters:
             if not math.isfinite(float(scale)):  # a NaN/Inf scale would poison every output
                 raise ValueError(
                     f"slot {slot} slice {s}: scale must be a finite number, got {scale!r}"
+                )
+            if self._rank_limit is not None and A.shape[0] > self._rank_limit:
+                raise ValueError(
+                    f"slot {slot} slice {s}: rank {A.shape[0]} exceeds the reserved rank "
+                    f"{self._rank_limit} (reserve_rank(limit=True)): calls captured with it "
+                    "hold only that many rank columns"
                 )
             if self.slot_rows and A.shape[0] > self.slot_rows:
                 raise ValueError(
@@ -298,13 +305,17 @@ class PackedAdapters:
         """``(rank, a_offset, b_offset, scale)`` per slice of ``slot`` (host copy, no sync)."""
         return self._host.get(slot, [(0, 0, 0, 0.0)] * self.n_slices)
 
-    def reserve_rank(self, rank: int) -> None:
+    def reserve_rank(self, rank: int, *, limit: bool = False) -> None:
         """Keep :attr:`max_rank` at least ``rank`` whatever is loaded: a caller whose calls are
         traced once and replayed (``torch.compile`` without guards, CUDA graphs) then never
-        sees it change as adapters come and go."""
+        sees it change as adapters come and go.  With ``limit``, a later load of a larger
+        rank is refused (a captured call's intermediate holds ``rank`` columns)."""
         if rank < 0:
             raise ValueError(f"rank must be non-negative, got {rank}")
+        if limit and self._max_rank > rank:
+            raise ValueError(f"an adapter of rank {self._max_rank} is loaded, above {rank}")
         self._rank_floor = int(rank)
+        self._rank_limit = int(rank) if limit else None
         self._max_rank = max(self._max_rank, self._rank_floor)
 
     @property
