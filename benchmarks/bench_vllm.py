@@ -43,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -297,7 +298,7 @@ def plot(summary: dict[str, dict], title: str, path: Path) -> None:
     items = [(s["label"], s["vs_base"], w) for w, s in summary.items() if s["vs_base"]]
     if not items:
         return
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(items) + 1.4))
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(items) + 1.8))
     y = range(len(items))
     med = [v["median"] for _, v, _ in items]
     err = [[m - v["min"] for m, (_, v, _) in zip(med, items)],
@@ -311,7 +312,7 @@ def plot(summary: dict[str, dict], title: str, path: Path) -> None:
     ax.invert_yaxis()
     ax.axvline(1.0, color="k", lw=0.8, ls="--")
     ax.set_xlabel("output tok/s ÷ base model (median of rounds, whiskers: min–max)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.fill(part, 100) for part in title.split("\n")), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -402,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     text = (f"# vLLM serving throughput\n\n{title}.\n\n{machine_line(m)}; {date}\n\n"
             f"`{doc['command']}`\n\n{table(summary)}\n")  # fmt: skip
     out.with_suffix(".md").write_text(text)
-    plot(summary, f"{title}\n{machine_line(m)}", out.with_suffix(".png"))
+    plot(summary, f"{title}\n{machine_line(m).replace('; ', chr(10))}", out.with_suffix(".png"))
     print(text)
     if failed:
         print(f"{len(failed)} runs failed: {failed}; rerun the same command to retry them")
