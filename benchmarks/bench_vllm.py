@@ -34,11 +34,13 @@ a tiny model, 1 round, 8 requests (a smoke test of the pipeline; numbers mean li
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.metadata
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -137,8 +139,9 @@ def churn_warmup_calls(requests: int) -> int:
     return math.ceil(N_CHURN / requests)
 
 
-def serve(root: Path, workload: str, shape: Shape) -> dict[str, float]:
-    """One workload in one fresh engine (this process): warm-up, then one timed generate."""
+def serve(root: Path, workload: str, shape: Shape, result_path: Path) -> dict[str, float]:
+    """One workload in one fresh engine (this process): warm-up, then one timed generate;
+    the result is written to ``result_path`` before the engine stops."""
     import torch
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -176,25 +179,41 @@ def serve(root: Path, workload: str, shape: Shape) -> dict[str, float]:
                         use_tqdm=False)  # fmt: skip
     gen_s = time.perf_counter() - t0
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    llm.llm_engine.engine_core.shutdown()  # no orphaned engine keeps the caller's pipes open
-    return {"tok_s": tokens / gen_s, "tokens": tokens, "gen_s": gen_s, "engine_s": engine_s}
+    result = {"tok_s": tokens / gen_s, "tokens": tokens, "gen_s": gen_s, "engine_s": engine_s}
+    result_path.write_text(json.dumps(result))
+    # a graceful stop: a killed engine leaves its shared-memory segments in /dev/shm
+    llm.llm_engine.engine_core.shutdown()
+    return result
 
 
 def run_one(root: Path, workload: str, shape: Shape, timeout: float) -> dict[str, float]:
-    """One run in a fresh process; raises RuntimeError with the output's tail on failure."""
+    """One run in a fresh process group (the engine and its workers with it); whatever of the
+    group is left when the run ends or its time is up is killed (a hung engine stops nothing
+    else).  Raises RuntimeError with the log's tail on failure."""
     env = dict(os.environ, SLORA_VLLM="0" if workload == STOCK else "1")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     env.pop("TRITON_INTERPRET", None)
+    result, log = root / "result.json", root / "run.log"
+    result.unlink(missing_ok=True)
     cmd = [sys.executable, __file__, "--serve", workload, "--root", str(root), "--shape",
-           json.dumps(asdict(shape))]  # fmt: skip
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        raise RuntimeError(f"{workload}: no result within {timeout:.0f} s") from exc
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{workload} failed:\n{(proc.stdout + proc.stderr)[-5000:]}")
-    return json.loads(lines[-1][6:])
+           json.dumps(asdict(shape)), "--result", str(result)]  # fmt: skip
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)  # fmt: skip
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            rc = None
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the group this call started
+            proc.wait()
+    tail = log.read_text(errors="replace")[-5000:]
+    if rc is None:
+        raise RuntimeError(f"{workload}: no result within {timeout:.0f} s\n{tail}")
+    if rc != 0 or not result.exists():
+        raise RuntimeError(f"{workload} failed (exit code {rc}):\n{tail}")
+    return json.loads(result.read_text())
 
 
 def schedule(workloads: list[str], repeats: int) -> list[tuple[int, str]]:
@@ -333,6 +352,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--serve", choices=tuple(WORKLOADS), help=argparse.SUPPRESS)
     ap.add_argument("--root", help=argparse.SUPPRESS)
     ap.add_argument("--shape", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.workloads = [w for w in args.workloads.split(",") if w]
     unknown = [w for w in args.workloads if w not in WORKLOADS]
@@ -348,9 +368,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.serve:
-        result = serve(Path(args.root), args.serve, Shape(**json.loads(args.shape)))
-        print("BENCH " + json.dumps(result), flush=True)
-        os._exit(0)  # skip vLLM's slow teardown
+        serve(Path(args.root), args.serve, Shape(**json.loads(args.shape)), Path(args.result))
+        os._exit(0)  # skip the rest of vLLM's teardown
     base_shape = QUICK if args.quick else Shape()
     overrides = {k: getattr(args, k) for k in asdict(base_shape) if getattr(args, k)}
     shape = Shape(**{**asdict(base_shape), **overrides})
