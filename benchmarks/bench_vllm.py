@@ -406,13 +406,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{i}/{len(todo)}] round {rnd} {w}: {res['tok_s']:.1f} tok/s "
                       f"(engine start {res['engine_s']:.0f} s, run {rec['wall_s']:.0f} s)",
                       flush=True)  # fmt: skip
-    summary = summarize(runs, args.workloads)
+    # the workloads asked for and any others already in the file, in the table's order
+    shown = [w for w in WORKLOADS if w in args.workloads or any(r["workload"] == w for r in runs)]
+    summary = summarize(runs, shown)
     m = machine()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = "python benchmarks/bench_vllm.py " + " ".join(sys.argv[1:] if argv is None else argv)
     doc = {"machine": m, "date": date, "command": command.strip(), "shape": asdict(shape),
-           "repeats": args.repeats, "complete": all(s["runs"] >= args.repeats
-                                                    for s in summary.values()),
+           "repeats": args.repeats, "complete": all(summary[w]["runs"] >= args.repeats
+                                                    for w in args.workloads),
            "workloads": summary}  # fmt: skip
     out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
     s = shape
