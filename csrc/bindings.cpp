@@ -6,9 +6,11 @@
 
 void register_multi_lora(pybind11::module_& m);
 void register_sensitivity(pybind11::module_& m);
+void register_stream_read(pybind11::module_& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "slora native ops";
   register_multi_lora(m);
   register_sensitivity(m);
+  register_stream_read(m);
 }

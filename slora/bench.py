@@ -6,11 +6,15 @@ shuffled) and prefill T = 1024 in 8 segments, in fp32 and bf16; on CUDA d = 4096
 rank mix, decode T = 64 and prefill T = 8192, bf16 (``--dtype`` picks others).
 Baselines, timed in the same run: (a) a loop over adapters (PEFT's mixed batch), (b) weights
 gathered per token, padded to the largest rank (vLLM's PyTorch reference).  Every case also
-gets its bytes floor — the adapters at true ranks plus x and out, over the GPU's peak
-bandwidth, or on the CPU over the bandwidth of a streaming read of as many bytes timed in the
-same rounds as the kernels — and on CUDA the same Triton kernel on adapters padded to the
-largest rank.
-Prints a table and writes a PNG (matplotlib, Agg).
+gets two limits: its bytes floor — the adapters at true ranks plus x and out, over the GPU's
+peak bandwidth, or on the CPU over the bandwidth of the fastest of several streaming reads of
+as many bytes (slora's vectorised read, ``torch.sum``, ``torch.amax``, a copy), timed in the
+same rounds as the kernels — and its compute floor — the multiply-adds of shrink and expand at
+true ranks (2 FLOPs each) over the ``torch.mm`` rate in the case's dtype measured once per run
+with the same threads — and the table says which of the two it is nearer.  On CUDA also the
+same Triton kernel on adapters padded to the largest rank.  ``--quick``: tiny shapes, for a
+smoke test.  Prints a table and writes a PNG (matplotlib, Agg) and a JSON file with the CPU
+model and its AMX / AVX512-BF16 flags.
 """
 
 from __future__ import annotations
@@ -24,7 +28,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from slora.benchmarking import Row, format_table, measure, peak_bandwidth, streaming_read
+from slora.benchmarking import (
+    Row,
+    best_read,
+    cpu_info,
+    format_table,
+    measure,
+    mm_ceiling,
+    peak_bandwidth,
+    streaming_reads,
+)
 from slora.cli_args import POSITIVE_FLOAT, POSITIVE_INT
 from slora.kernels.multi_lora import (
     LoRAMeta,
@@ -37,7 +50,7 @@ RANKS = (8, 16, 32, 64)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_TAGS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 BASELINES = ("loop (PEFT)", "padded gather (vLLM ref)")
-FLOOR_READ = "streaming read (floor)"
+FLOOR_READ = "floor read: "  # prefix of the streaming reads timed with the kernels
 
 
 @dataclass
@@ -198,26 +211,48 @@ def floor_bytes(case: Case) -> int:
     return (weights + io) * el
 
 
+def case_flops(case: Case) -> int:
+    """FLOPs the op must do: per token with an adapter, shrink and expand at its true rank r,
+    2 r (d_in + d_out) (a multiply-add is 2 FLOPs)."""
+    ranks = torch.tensor([A.shape[0] for A, _, _ in case.adapters])
+    slots = case.token_slots[case.token_slots >= 0].cpu()
+    return int(2 * ranks[slots].sum()) * (case.x.shape[1] + case.packed.d_out)
+
+
 def run_cases(
-    cases: list[Case], device: str, min_time: float, bandwidth: float | None
-) -> list[Row]:
-    """Every contender of every case, timed interleaved, against the faster baseline; the
-    floor is the case's bytes over ``bandwidth``, or (None) over the bandwidth of a streaming
-    read of as many bytes timed in the same rounds as the contenders."""
-    rows = []
+    cases: list[Case],
+    device: str,
+    min_time: float,
+    bandwidth: float | None,
+    ceilings: dict[torch.dtype, float] | None = None,
+) -> tuple[list[Row], dict[str, dict]]:
+    """Every contender of every case, timed interleaved, against the faster baseline.  The
+    bytes floor is the case's bytes over ``bandwidth``, or (None) over the bandwidth of the
+    fastest streaming read of as many bytes timed in the same rounds as the contenders; the
+    compute floor its FLOPs over ``ceilings[dtype]`` (FLOP/s).  Returns the rows and, per
+    case, its bytes, FLOPs and the readers' bandwidths."""
+    rows, limits = [], {}
     for case in cases:
         fns = contenders(case, device)
-        nbytes = floor_bytes(case)
-        if bandwidth is None:
-            fns[FLOOR_READ], read_bytes = streaming_read(nbytes, device)
+        nbytes, flops = floor_bytes(case), case_flops(case)
+        readers = {} if bandwidth is not None else {
+            FLOOR_READ + name: r for name, r in streaming_reads(nbytes, device).items()
+        }  # fmt: skip
+        fns.update({name: fn for name, (fn, _) in readers.items()})
         times = measure(fns, min_time=min_time)
+        reads = {name: times.pop(name) for name in readers}
         best_base = min(times[b].median for b in BASELINES)
-        if bandwidth is None:
-            floor = nbytes / (read_bytes / times.pop(FLOOR_READ).median)
-        else:
-            floor = nbytes / bandwidth
-        rows += [Row(case.name, name, t.median, best_base, floor) for name, t in times.items()]
-    return rows
+        bw = bandwidth if bandwidth is not None else best_read(reads, readers)
+        ceiling = (ceilings or {}).get(case.x.dtype)
+        compute = flops / ceiling if ceiling else None
+        rows += [Row(case.name, name, t.median, best_base, nbytes / bw, compute)
+                 for name, t in times.items()]  # fmt: skip
+        limits[case.name] = {
+            "bytes": nbytes, "flops": flops, "floor_gbps": bw / 1e9,
+            "read_gbps": {k.removeprefix(FLOOR_READ): readers[k][1] / t.median / 1e9
+                          for k, t in reads.items()},
+        }  # fmt: skip
+    return rows, limits
 
 
 def plot(rows: list[Row], path: str) -> None:
@@ -232,9 +267,12 @@ def plot(rows: list[Row], path: str) -> None:
         sub = [r for r in rows if r.case == case]
         ax.barh([r.impl for r in sub], [r.seconds * 1e3 for r in sub], color="tab:blue")
         if sub[0].floor_seconds is not None:
-            floor_ms = sub[0].floor_seconds * 1e3
-            ax.axvline(floor_ms, color="tab:red", ls="--", label="bandwidth floor")
-            ax.legend()
+            ax.axvline(sub[0].floor_seconds * 1e3, color="tab:red", ls="--", label="bytes floor")
+        if sub[0].compute_seconds is not None:
+            ax.axvline(sub[0].compute_seconds * 1e3, color="tab:green", ls=":",
+                       label="compute floor (torch.mm rate)")  # fmt: skip
+        if sub[0].floor_seconds is not None or sub[0].compute_seconds is not None:
+            ax.legend(fontsize=7)
         ax.set_xscale("log")
         ax.set_xlabel("ms, log scale (lower is better)")
         ax.set_title(case)
@@ -266,8 +304,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--bandwidth",
         type=POSITIVE_FLOAT,
         default=None,
-        help="memory bandwidth for the floor, bytes/s (default: the GPU's peak; on the CPU a "
-        "streaming read of as many bytes as the case moves, timed in the same rounds)",
+        help="memory bandwidth for the floor, bytes/s (default: the GPU's peak; on the CPU the "
+        "fastest of several streaming reads of as many bytes as the case moves, timed in the "
+        "same rounds)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny shapes and short timings (a smoke test; the numbers mean little)",
     )
 
 
@@ -283,39 +327,52 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    if args.device == "cuda":
-        names, d, t_pre = args.dtype or ["bfloat16"], 4096, 8192
-    else:
-        names, d, t_pre = args.dtype or ["float32", "bfloat16"], 2048, 1024
+    cuda, quick = args.device == "cuda", getattr(args, "quick", False)
+    names = args.dtype or (["bfloat16"] if cuda else ["float32"] if quick else
+                           ["float32", "bfloat16"])  # fmt: skip
+    # d, decode / prefill tokens, side of the square torch.mm that sets the compute ceiling
+    d, t_dec, t_pre, mm = (256, 16, 128, 256) if quick else \
+        (4096, 64, 8192, 4096) if cuda else (2048, 64, 1024, 1024)  # fmt: skip
+    min_time = min(args.min_time, 0.02) if quick else args.min_time
     dtypes = [DTYPES[n] for n in dict.fromkeys(names)]
     cases = []
     for dt in dtypes:
         tag = "" if len(dtypes) == 1 else f" {DTYPE_TAGS[dt]}"
-        for case in (decode_case(64, d, dtype=dt, device=args.device),
+        for case in (decode_case(t_dec, d, dtype=dt, device=args.device),
                      prefill_case(t_pre, d, dtype=dt, device=args.device)):  # fmt: skip
             case.name += tag
             cases.append(case)
+    cpu = cpu_info()
+    flags = ", ".join(f"{f} {'yes' if cpu[f] else 'no'}" for f in ("amx_bf16", "avx512_bf16"))
     print(
-        f"slora bench on {args.device} ({torch.get_num_threads()} CPU threads), "
-        f"{', '.join(DTYPE_TAGS[dt] for dt in dtypes)}, d={d}, 16 adapters with ranks {RANKS}; "
-        "floor: bytes moved / "
-        + (
-            "peak bandwidth"
-            if args.bandwidth or args.device == "cuda"
-            else "streaming-read bandwidth of as many bytes, timed in the same rounds"
-        )  # fmt: skip
-    )
-    rows = run_cases(
-        cases, args.device, args.min_time, args.bandwidth or peak_bandwidth(args.device)
-    )
+        f"slora bench on {args.device} ({torch.get_num_threads()} CPU threads; {cpu['cpu']}, "
+        f"{cpu['cores']} logical cores, {flags}), {', '.join(DTYPE_TAGS[dt] for dt in dtypes)}, "
+        f"d={d}, 16 adapters with ranks {RANKS}; bytes floor: bytes moved / "
+        + ("peak bandwidth" if args.bandwidth or cuda else
+           "the fastest of several streaming reads of as many bytes, timed in the same rounds")
+        + f"; compute floor: FLOPs / torch.mm rate ({mm}×{mm}×{mm})"
+    )  # fmt: skip
+    ceilings = {dt: mm_ceiling(dt, args.device, mm, min_time) for dt in dtypes}
+    for dt, rate in ceilings.items():
+        print(f"compute ceiling {DTYPE_TAGS[dt]}: torch.mm {rate / 1e9:.1f} GFLOP/s")
+    bandwidth = args.bandwidth or peak_bandwidth(args.device)
+    rows, limits = run_cases(cases, args.device, min_time, bandwidth, ceilings)
+    for name, lim in limits.items():
+        reads = ", ".join(f"{k} {v:.1f}" for k, v in lim["read_gbps"].items())
+        print(f"{name}: {lim['bytes'] / 2**20:.2f} MiB, {lim['flops'] / 1e6:.1f} MFLOP; "
+              f"floor bandwidth {lim['floor_gbps']:.1f} GB/s" + (f" (best of {reads})"
+                                                                 if reads else ""))  # fmt: skip
     print(format_table(rows))
     out_dir = Path(args.out or ".")
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_path = args.plot or str(out_dir / "slora_bench.png")
     plot(rows, plot_path)
-    meta = {"device": args.device, "threads": torch.get_num_threads(),
-            "dtypes": [str(dt) for dt in dtypes], "d": d}  # fmt: skip
-    if args.device == "cuda":
+    meta = {"device": args.device, "threads": torch.get_num_threads(), **cpu,
+            "torch": torch.__version__, "dtypes": [str(dt) for dt in dtypes], "d": d,
+            "quick": quick, "mm_size": mm,
+            "mm_gflops": {DTYPE_TAGS[dt]: r / 1e9 for dt, r in ceilings.items()},
+            "limits": limits}  # fmt: skip
+    if cuda:
         meta["gpu"] = torch.cuda.get_device_name()
     doc = {**meta, "rows": [r.as_dict() for r in rows]}
     (out_dir / "slora_bench.json").write_text(json.dumps(doc, indent=1))

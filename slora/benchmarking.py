@@ -1,7 +1,8 @@
 """The one benchmark harness of ``slora bench`` and ``benchmarks/``: interleaved timing on
 ``torch.utils.benchmark`` (which synchronises the accelerator around every measurement), the
-device's peak memory bandwidth, and one table writer (time, speed-up against the baseline
-measured in the same run, share of the bandwidth floor).
+device's peak memory bandwidth, the limits measured on this machine (the fastest of several
+streaming reads, the ``torch.mm`` rate), and one table writer (time, speed-up against the
+baseline measured in the same run, share of the bytes floor and of the compute ceiling).
 
 Interleaving — every contender once per round, the order reversed every other round, ``rounds``
 rounds, the median per contender — makes load from other jobs on a shared machine and slow
@@ -11,9 +12,11 @@ drifts (clock, caches, allocator) hit every contender alike.
 from __future__ import annotations
 
 import os
+import platform
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.benchmark import Timer
@@ -21,6 +24,8 @@ from torch.utils.benchmark.utils.timer import timer as synced_clock  # syncs the
 
 # Peak HBM bandwidth in GB/s by device-name fragment; SLORA_PEAK_GBPS overrides.
 PEAK_GBPS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0, "L40S": 864.0, "A10": 600.0}
+# /proc/cpuinfo flags recorded with every benchmark: the matrix units and bf16 dot products
+CPU_FLAGS = ("amx_bf16", "amx_fp16", "avx512_bf16", "avx512f")
 
 
 def peak_bandwidth(device: str | torch.device) -> float | None:
@@ -33,22 +38,74 @@ def peak_bandwidth(device: str | torch.device) -> float | None:
     return next((gbps * 1e9 for key, gbps in PEAK_GBPS.items() if key in name), None)
 
 
-def streaming_read(
+def streaming_reads(
     nbytes: int, device: str | torch.device = "cpu"
-) -> tuple[Callable[[], object], int]:
-    """A plain streaming read of about ``nbytes`` on ``device`` (``torch.sum`` over an fp32
-    buffer) and the bytes it reads: the floor's yardstick where no peak figure is known (the
-    CPU), on as many bytes as the kernel moves, so that both run from the same level of the
-    memory hierarchy (a few MiB stay in a large L3).  Time it in the same rounds as the kernels
-    (:func:`measure`) so that a drifting machine slows both alike."""
-    n = max(int(nbytes) // 4, 1 << 14)
-    return torch.rand(n, device=device).sum, n * 4
+) -> dict[str, tuple[Callable[[], object], int]]:
+    """Plain streaming reads of about ``nbytes`` on ``device``, by name, each with the bytes it
+    moves: slora's vectorised read (``csrc/stream_read.cpp``, on the CPU when the native ops
+    build), ``torch.sum`` and ``torch.amax`` over an fp32 buffer, and a copy (``dst.copy_(src)``
+    of ``nbytes / 2``: it reads and writes, both counted).  The bytes floor is the bandwidth of
+    the fastest of them (:func:`best_read`), on as many bytes as the kernel moves, so that all
+    run from the same level of the memory hierarchy (a few MiB stay in a large L3).  Time them
+    in the same rounds as the kernels (:func:`measure`) so that a drifting machine slows all
+    alike."""
+    n = -(-max(int(nbytes), 1 << 16) // 256) * 64  # fp32 elements, whole 256-byte blocks
+    buf = torch.rand(n, device=device)
+    src, dst = buf[: n // 2], torch.empty(n // 2, device=device)
+    readers: dict[str, tuple[Callable[[], object], int]] = {}
+    if torch.device(device).type == "cpu":
+        from slora.kernels import _native
+
+        ext = _native.extension()
+        if ext is not None:
+            readers["read (slora native)"] = (lambda: ext.stream_read(buf), n * 4)
+    readers["torch.sum"] = (buf.sum, n * 4)
+    readers["torch.amax"] = (buf.amax, n * 4)
+    readers["copy_ (read + write)"] = (lambda: dst.copy_(src), 2 * (n // 2) * 4)
+    return readers
+
+
+def best_read(times: Mapping[str, Timing], readers: Mapping[str, tuple[object, int]]) -> float:
+    """Bytes/s of the fastest reader (median time per reader): the yardstick of the floor."""
+    return max(nbytes / times[name].median for name, (_, nbytes) in readers.items())
 
 
 def read_bandwidth(nbytes: int, device: str | torch.device = "cpu", min_time: float = 0.3) -> float:
-    """Bytes/s of :func:`streaming_read` of ``nbytes`` on ``device``, timed like the kernels."""
-    fn, n = streaming_read(nbytes, device)
-    return n / measure({"read": fn}, rounds=3, min_time=min_time)["read"].median
+    """Bytes/s of the fastest of :func:`streaming_reads` of ``nbytes`` on ``device``."""
+    readers = streaming_reads(nbytes, device)
+    times = measure({k: fn for k, (fn, _) in readers.items()}, rounds=3, min_time=min_time)
+    return best_read(times, readers)
+
+
+def cpu_info(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, object]:
+    """The CPU model, logical cores and the flags that decide the kernels' speed (from Linux's
+    ``cpuinfo``; the platform's name and False flags where it cannot be read)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path(cpuinfo).read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not flags:
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    info: dict[str, object] = {"cpu": model, "cores": os.cpu_count()}
+    info.update({f: f in flags for f in CPU_FLAGS})
+    return info
+
+
+def mm_ceiling(
+    dtype: torch.dtype, device: str | torch.device = "cpu", size: int = 1024,
+    min_time: float = 0.5,
+) -> float:  # fmt: skip
+    """FLOP/s of ``torch.mm`` on two ``size`` × ``size`` matrices of ``dtype`` (compute-bound:
+    oneDNN, AMX tiles where the CPU has them), with ``torch.get_num_threads()`` threads: the
+    compute ceiling the kernels are compared with."""
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    t = measure({"mm": lambda: torch.mm(a, b)}, rounds=3, min_time=min_time)["mm"].median
+    return 2 * size**3 / t
 
 
 @dataclass
@@ -103,13 +160,23 @@ def measure(
 @dataclass
 class Row:
     """One line of a benchmark table: ``impl`` on ``case``, its time, the baseline's time
-    measured in the same run, and optionally the bandwidth floor (bytes / peak bandwidth)."""
+    measured in the same run, and optionally the case's bytes floor (bytes / bandwidth) and
+    compute floor (FLOPs / the ``torch.mm`` rate of the same run)."""
 
     case: str
     impl: str
     seconds: float
     baseline_seconds: float
     floor_seconds: float | None = None
+    compute_seconds: float | None = None
+
+    @property
+    def bound(self) -> str | None:
+        """The bound the case is nearer: the larger of its two floors ("bytes" / "compute");
+        None unless both are known."""
+        if self.floor_seconds is None or self.compute_seconds is None:
+            return None
+        return "bytes" if self.floor_seconds >= self.compute_seconds else "compute"
 
     def as_dict(self) -> dict[str, float | str]:
         out: dict[str, float | str] = {
@@ -121,25 +188,41 @@ class Row:
         if self.floor_seconds is not None:
             out["floor_ms"] = self.floor_seconds * 1e3
             out["fraction_of_floor"] = self.floor_seconds / self.seconds
+        if self.compute_seconds is not None:
+            out["compute_floor_ms"] = self.compute_seconds * 1e3
+            out["fraction_of_compute"] = self.compute_seconds / self.seconds
+        if self.bound is not None:
+            out["nearer_bound"] = self.bound
         return out
 
 
 def format_table(rows: Sequence[Row], baseline: str = "best baseline") -> str:
-    """Fixed-width table: case, implementation, ms, speed-up vs ``baseline``, % of floor."""
+    """Fixed-width table: case, implementation, ms, speed-up vs ``baseline``, and where known
+    % of the bytes floor, % of the compute ceiling and the nearer bound.  Shares above 100 %
+    are printed as measured (an op faster than a floor shows it, nothing is clipped)."""
     floor = any(r.floor_seconds is not None for r in rows)
+    compute = any(r.compute_seconds is not None for r in rows)
+    bound = any(r.bound is not None for r in rows)
     case_w = max([len("case"), *(len(r.case) for r in rows)]) + 2
     impl_w = max([len("implementation"), *(len(r.impl) for r in rows)]) + 2
     speed = f"speed-up vs {baseline}"
     lines = [
         f"{'case':<{case_w}}{'implementation':<{impl_w}}{'ms':>10}{speed:>{len(speed) + 2}}"
-        + (f"{'% of floor':>12}" if floor else "")
+        + (f"{'% of bytes floor':>18}" if floor else "")
+        + (f"{'% of compute':>14}" if compute else "")
+        + (f"{'nearer':>9}" if bound else "")
     ]
+
+    def share(floor_s: float | None, width: int) -> str:
+        return " " * width if floor_s is None else f"{100 * floor_s / r.seconds:>{width - 1}.1f}%"
+
     for r in rows:
         line = (
             f"{r.case:<{case_w}}{r.impl:<{impl_w}}{r.seconds * 1e3:>10.3f}"
             f"{r.baseline_seconds / r.seconds:>{len(speed) + 1}.2f}x"
         )
-        if r.floor_seconds is not None:
-            line += f"{100 * r.floor_seconds / r.seconds:>11.1f}%"
-        lines.append(line)
+        line += share(r.floor_seconds, 18) if floor else ""
+        line += share(r.compute_seconds, 14) if compute else ""
+        line += f"{r.bound or '':>9}" if bound else ""
+        lines.append(line.rstrip())
     return "\n".join(lines)

@@ -49,6 +49,8 @@ class NativeSources:
 FAMILIES: dict[str, NativeSources] = {
     "multi_lora": NativeSources(cpu=("multi_lora_cpu.cpp", "multi_lora_gemm_cpu.cpp")),
     "sensitivity": NativeSources(cpu=("sensitivity_cpu.cpp",)),
+    # benchmarks only: the streaming read behind `slora bench`'s bytes floor
+    "stream_read": NativeSources(cpu=("stream_read.cpp",)),
 }
 
 # What a call that needs the native ops says when they could not be built (the one place).
