@@ -268,9 +268,9 @@ def machine() -> dict[str, object]:
     """CPU model, cores, AMX / AVX512-BF16 flags, GPU, vLLM and torch versions."""
     import torch
 
-    from slora.benchmarking import cpu_info
+    from slora.kernels import cpu_features
 
-    info = cpu_info()
+    info = cpu_features.summary()
     info["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     info["vllm"] = importlib.metadata.version("vllm")
     info["torch"] = torch.__version__

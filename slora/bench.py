@@ -31,7 +31,6 @@ from torch import Tensor
 from slora.benchmarking import (
     Row,
     best_read,
-    cpu_info,
     format_table,
     measure,
     mm_ceiling,
@@ -39,6 +38,7 @@ from slora.benchmarking import (
     streaming_reads,
 )
 from slora.cli_args import POSITIVE_FLOAT, POSITIVE_INT
+from slora.kernels import cpu_features
 from slora.kernels.multi_lora import (
     LoRAMeta,
     PackedAdapters,
@@ -342,7 +342,7 @@ def run(args: argparse.Namespace) -> int:
                      prefill_case(t_pre, d, dtype=dt, device=args.device)):  # fmt: skip
             case.name += tag
             cases.append(case)
-    cpu = cpu_info()
+    cpu = cpu_features.summary()
     flags = ", ".join(f"{f} {'yes' if cpu[f] else 'no'}" for f in ("amx_bf16", "avx512_bf16"))
     print(
         f"slora bench on {args.device} ({torch.get_num_threads()} CPU threads; {cpu['cpu']}, "

@@ -12,11 +12,9 @@ drifts (clock, caches, allocator) hit every contender alike.
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.utils.benchmark import Timer
@@ -24,8 +22,6 @@ from torch.utils.benchmark.utils.timer import timer as synced_clock  # syncs the
 
 # Peak HBM bandwidth in GB/s by device-name fragment; SLORA_PEAK_GBPS overrides.
 PEAK_GBPS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0, "L40S": 864.0, "A10": 600.0}
-# /proc/cpuinfo flags recorded with every benchmark: the matrix units and bf16 dot products
-CPU_FLAGS = ("amx_bf16", "amx_fp16", "avx512_bf16", "avx512f")
 
 
 def peak_bandwidth(device: str | torch.device) -> float | None:
@@ -75,25 +71,6 @@ def read_bandwidth(nbytes: int, device: str | torch.device = "cpu", min_time: fl
     readers = streaming_reads(nbytes, device)
     times = measure({k: fn for k, (fn, _) in readers.items()}, rounds=3, min_time=min_time)
     return best_read(times, readers)
-
-
-def cpu_info(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, object]:
-    """The CPU model, logical cores and the flags that decide the kernels' speed (from Linux's
-    ``cpuinfo``; the platform's name and False flags where it cannot be read)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path(cpuinfo).read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and not flags:
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
-    info: dict[str, object] = {"cpu": model, "cores": os.cpu_count()}
-    info.update({f: f in flags for f in CPU_FLAGS})
-    return info
 
 
 def mm_ceiling(

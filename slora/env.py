@@ -95,7 +95,7 @@ def _cpu() -> list[tuple[str, str]]:
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         try:
             n, macs = cpp_backend.gemm_route(dtype)
-            when = f"≥ {n} tokens and ≥ {macs / 1e6:g}M multiply-adds" if n else "never"
+            when = f"≥ {n} tokens and ≥ {macs / 1e6:.0f}M multiply-adds" if n else "never"
             routes.append(f"{str(dtype)[6:]}: {when}")
         except ValueError as exc:  # a bad SLORA_CPU_GEMM_MIN_TOKENS: say so, keep reporting
             routes.append(f"{str(dtype)[6:]}: error ({exc})")

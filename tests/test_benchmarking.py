@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from slora import benchmarking as bm
+from slora.kernels import cpu_features
 
 
 @pytest.fixture
@@ -154,10 +155,10 @@ def test_cpu_info_reads_the_model_and_the_matrix_unit_flags(tmp_path):
     path = tmp_path / "cpuinfo"
     path.write_text("processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu avx512f amx_bf16 "
                     "amx_tile\n\nprocessor\t: 1\nmodel name\t: Some Xeon\n")  # fmt: skip
-    info = bm.cpu_info(path)
+    info = cpu_features.summary(path)
     assert info["cpu"] == "Some Xeon" and info["amx_bf16"] is True
     assert info["avx512f"] is True and info["avx512_bf16"] is False
-    assert bm.cpu_info(tmp_path / "missing")["amx_bf16"] is False
+    assert cpu_features.summary(tmp_path / "missing")["amx_bf16"] is False
 
 
 def test_native_stream_read_reads_every_word():

@@ -18,11 +18,12 @@ REPORTED_FLAGS = ("amx_bf16", "amx_fp16", "amx_tile", "avx512_bf16", "avx512_fp1
                   "avx2")  # fmt: skip
 
 
-@functools.cache
-def _cpuinfo() -> tuple[str, frozenset[str]]:
+def read_cpuinfo(path: str | Path = "/proc/cpuinfo") -> tuple[str, frozenset[str]]:
+    """(model name, flags) from a Linux ``cpuinfo`` file; the platform's name and no flags
+    where it cannot be read."""
     model, flags = platform.processor() or platform.machine(), frozenset()
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        text = Path(path).read_text()
     except OSError:
         return model, flags
     for line in text.splitlines():
@@ -35,6 +36,11 @@ def _cpuinfo() -> tuple[str, frozenset[str]]:
     return model, flags
 
 
+@functools.cache
+def _cpuinfo() -> tuple[str, frozenset[str]]:
+    return read_cpuinfo()
+
+
 def cpu_model() -> str:
     """The CPU's model name (``AMD EPYC``, ``Intel(R) Xeon(R) Platinum 8481C``, ...)."""
     return _cpuinfo()[0]
@@ -45,7 +51,8 @@ def has(flag: str) -> bool:
     return flag in _cpuinfo()[1]
 
 
-def summary() -> dict[str, object]:
-    """Model, core count and the flags slora's choices depend on (for result files)."""
-    return {"cpu": cpu_model(), "cores": os.cpu_count(),
-            **{flag: has(flag) for flag in REPORTED_FLAGS}}  # fmt: skip
+def summary(path: str | Path | None = None) -> dict[str, object]:
+    """Model, logical cores and the flags slora's choices depend on, for result files (this
+    machine's, or those of the ``cpuinfo`` file at ``path``)."""
+    model, flags = _cpuinfo() if path is None else read_cpuinfo(path)
+    return {"cpu": model, "cores": os.cpu_count(), **{f: f in flags for f in REPORTED_FLAGS}}

@@ -24,10 +24,14 @@ GEMM_ENV = "SLORA_CPU_GEMM_MIN_TOKENS"
 # decides; none: never (docs/kernels.md, "The CPU's GEMM route": measurements and how to
 # re-measure with benchmarks/bench_multi_lora_gemm_cpu.py).
 GEMM_ROUTES: dict[tuple[str, torch.dtype], tuple[int, int]] = {
-    # AMX (not measured by this project yet: no AMX machine was available): a tile is 16 rows;
-    # 4M multiply-adds take ~40 µs at the fused kernel's ~110 GFLOP/s per core
-    ("amx_bf16", torch.bfloat16): (16, 1 << 22),
-    ("amx_fp16", torch.float16): (16, 1 << 22),
+    # AMX, not measured by this project yet (no AMX machine was available): the route's fixed
+    # cost measured on AVX512-BF16 (~60 µs per group of one slice, 2 threads) against the
+    # fused kernel's ~110 GFLOP/s per core; 16M multiply-adds take the fused kernel ~150 µs
+    ("amx_bf16", torch.bfloat16): (32, 1 << 24),
+    ("amx_fp16", torch.float16): (32, 1 << 24),
+    # AVX512-BF16 without AMX, measured on AMD EPYC (Zen 4, 2 threads, d = 2048): the GEMM wins
+    # only from rank 64 × 256 tokens (1.09×; rank 8 / 16 never up to 512 tokens)
+    ("avx512_bf16", torch.bfloat16): (256, 1 << 26),
 }
 NEVER = (0, 0)
 
