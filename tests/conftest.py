@@ -74,6 +74,20 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.
                                msg=what or None)  # fmt: skip
 
 
+def check_into_outputs(
+    call, ref: torch.Tensor, dtype: torch.dtype, overwrite: bool, gen: torch.Generator
+) -> None:
+    """``call(out)`` into an output of ``dtype`` and into an fp32 one, each either random
+    values to add to or (``overwrite``) NaN that every element must replace, against the
+    float64 ``ref`` (the fp32 output with fp32 tolerance)."""
+    for out_dtype in {dtype, torch.float32}:
+        base = torch.randn(ref.shape, generator=gen).to(out_dtype)
+        out = torch.full_like(base, float("nan")) if overwrite else base.clone()
+        call(out)
+        want = ref if overwrite else ref + base.double()
+        assert_close(out, want, out_dtype if out_dtype == dtype else torch.float32)
+
+
 def seed_of(name: str) -> int:
     """A seed that is the same in every process (``hash(str)`` is salted per process)."""
     return zlib.crc32(name.encode())

@@ -17,7 +17,7 @@ import json
 import torch
 
 from slora.bench import decode_case, prefill_case, run_cases
-from slora.benchmarking import peak_bandwidth
+from slora.benchmarking import mm_ceiling, peak_bandwidth
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,12 +39,16 @@ def main(argv: list[str] | None = None) -> int:
             case.name += f" {str(dt).removeprefix('torch.')}"
             cases.append(case)
     peak = peak_bandwidth(dev)
-    rows = run_cases(cases, dev, min_time, peak)
+    # the compute ceiling: this run's torch.mm rate per dtype (cuBLAS on the GPU)
+    ceilings = {dt: mm_ceiling(dt, dev, size=64 if args.dry_run else 4096) for dt in dtypes}
+    rows, limits = run_cases(cases, dev, min_time, peak, ceilings)
     doc = {
         "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
         "d": d,
         "floor": "peak bandwidth" if peak else "streaming read, same rounds",
         "peak_GBs": peak / 1e9 if peak else None,
+        "mm_tflops": {str(dt).removeprefix("torch."): c / 1e12 for dt, c in ceilings.items()},
+        "limits": limits,
         "rows": [r.as_dict() for r in rows],
     }
     with open(args.json, "w") as f:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import oracles
 import pytest
 import torch
-from conftest import BACKENDS, assert_close, generator, make_adapters
+from conftest import BACKENDS, assert_close, check_into_outputs, generator, make_adapters
 
 from slora import ops
 from slora.kernels import multi_lora as ml
@@ -143,12 +143,8 @@ def test_cpp_decode_and_prefill_paths(dtype, overwrite):
     ref = oracles.multi_lora(x, slots, adapters, sizes)
     meta = ml.build_token_meta(slots, packed.max_slots)
     fn = forward_kernel(torch.device("cpu"), "cpp")
-    for out_dtype in {dtype, torch.float32}:
-        base = torch.randn(T, packed.d_out, generator=gen).to(out_dtype)
-        out = torch.full_like(base, float("nan")) if overwrite else base.clone()
-        fn(x, packed.weights(), meta, out, overwrite=overwrite)
-        want = ref if overwrite else ref + base.double()
-        assert_close(out, want, out_dtype if out_dtype == dtype else torch.float32)
+    check_into_outputs(lambda out: fn(x, packed.weights(), meta, out, overwrite=overwrite),
+                       ref, dtype, overwrite, gen)  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import oracles
 import pytest
 import torch
-from conftest import BACKENDS, assert_close, generator, make_adapters
+from conftest import BACKENDS, assert_close, check_into_outputs, generator, make_adapters
 
 from slora.kernels.multi_lora import (
     PackedAdapters,
@@ -64,12 +64,8 @@ def test_every_route_matches_float64(route, dtype, form, overwrite):
     x = torch.randn(T, D_IN, generator=gen).to(dtype)
     ref = oracles.multi_lora(x, slots, adapters, SIZES)
     fn = forward_kernel(torch.device("cpu"), "cpp")
-    for out_dtype in {dtype, torch.float32}:
-        base = torch.randn(T, packed.d_out, generator=gen).to(out_dtype)
-        out = torch.full_like(base, float("nan")) if overwrite else base.clone()
-        fn(x, packed.weights(), meta, out, overwrite=overwrite)
-        want = ref if overwrite else ref + base.double()
-        assert_close(out, want, out_dtype if out_dtype == dtype else torch.float32)
+    check_into_outputs(lambda out: fn(x, packed.weights(), meta, out, overwrite=overwrite),
+                       ref, dtype, overwrite, gen)  # fmt: skip
 
 
 @pytest.mark.parametrize("route", [1], indirect=True)
