@@ -178,6 +178,11 @@ def test_effective_rank_drops_dead_components():
     B[:, 1] = 0  # an inner dead component stays (the trim is exact only at the tail)
     assert effective_rank(A, B) == 4
     assert effective_rank(torch.zeros(3, 5), B[:, :3]) == 0
+    assert effective_rank(torch.randn(3, 5), torch.randn(4, 3)) == 3  # last component live
+    assert effective_rank(torch.zeros(0, 5), torch.zeros(4, 0)) == 0
+    A, B = torch.randn(3, 5), torch.randn(4, 3)
+    B[:, 2] = 0  # last component dead in B only
+    assert effective_rank(A.bfloat16(), B.bfloat16()) == 2
 
 
 def test_rank_hint_reads_vllm_weights():

@@ -25,7 +25,14 @@ from slora.ops import PackedAdapters
 
 def effective_rank(A: Tensor, B: Tensor) -> int:
     """1 + the last rank component j with both ``A[j]`` and ``B[:, j]`` nonzero (0 if none):
-    components past it add nothing, so dropping them is exact."""
+    components past it add nothing, so dropping them is exact.  The common case — the last
+    component is live — reads one row and one column, not the whole adapter (this runs for
+    every layer on every adapter load)."""
+    r = A.shape[0]
+    if r == 0:
+        return 0
+    if bool(A[r - 1].any()) and bool(B[:, r - 1].any()):
+        return r
     live = (A != 0).any(dim=1) & (B != 0).any(dim=0)
     idx = live.nonzero()
     return int(idx[-1, 0]) + 1 if idx.numel() else 0
