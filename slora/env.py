@@ -96,9 +96,9 @@ def _cpu() -> list[tuple[str, str]]:
         try:
             n, macs = cpp_backend.gemm_route(dtype)
             when = f"≥ {n} tokens and ≥ {macs / 1e6:.0f}M multiply-adds" if n else "never"
-            routes.append(f"{str(dtype)[6:]}: {when}")
+            routes.append(f"{str(dtype).removeprefix('torch.')}: {when}")
         except ValueError as exc:  # a bad SLORA_CPU_GEMM_MIN_TOKENS: say so, keep reporting
-            routes.append(f"{str(dtype)[6:]}: error ({exc})")
+            routes.append(f"{str(dtype).removeprefix('torch.')}: error ({exc})")
     return [
         ("CPU", f"{facts['cpu']}; {' '.join(flags) or 'no AVX2/AVX-512/AMX flags reported'}"),
         ("CPU GEMM route", ", ".join(routes)),

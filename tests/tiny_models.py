@@ -31,12 +31,12 @@ def tiny_bert(num_labels: int = 2, seed: int = 0) -> torch.nn.Module:
     return BertForSequenceClassification(cfg).eval()
 
 
-def tiny_llama(seed: int = 0) -> torch.nn.Module:
+def tiny_llama(seed: int = 0, hidden: int = 32, intermediate: int = 48) -> torch.nn.Module:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -64,17 +64,7 @@ def bnb_cpu_reason() -> str | None:
 def save_quantizable_llama(path) -> None:  # noqa: ANN001
     """A tiny Llama saved to ``path`` for quantized loading: hidden 64, since bitsandbytes' CPU
     4-bit kernels need at least one 64-wide quantization block per row."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(path)
+    tiny_llama(0, hidden=64, intermediate=128).save_pretrained(path)
 
 
 def tiny_gpt2(seed: int = 0) -> torch.nn.Module:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import statistics
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -23,6 +24,16 @@ class Prepared:
     on_step: Callable[[int], None] | None = None
     ranks: Callable[[], dict[str, int]] | None = None
     final_params: Callable[[], int] | None = None
+
+    def outcome(self, lora_params: int, losses: Sequence[float]) -> dict:
+        """What every run records of its model after training: LoRA parameters before and
+        after (AdaLoRA prunes), the ranks, and the loss over the last tenth of the steps."""
+        return {
+            "lora_params": lora_params,
+            "final_lora_params": self.final_params() if self.final_params else lora_params,
+            "ranks": self.ranks() if self.ranks else None,
+            "final_loss": statistics.fmean(losses[-max(1, len(losses) // 10) :]),
+        }
 
 
 def _adalora_kept(pm: nn.Module) -> dict[str, tuple[int, int]]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -163,10 +162,7 @@ def train_and_evaluate(
         "lr": lr,
         **{f"{name}_accuracy": s["accuracy"] for name, s in scores.items()},
         **{f"{name}_top_class_share": s["top_class_share"] for name, s in scores.items()},
-        "lora_params": lora,
-        "final_lora_params": prep.final_params() if prep.final_params else lora,
-        "ranks": prep.ranks() if prep.ranks else None,
-        "final_loss": statistics.fmean(losses[-max(1, len(losses) // 10) :]),
+        **prep.outcome(lora, losses),
         "train_wall_s": t1 - t0,
         "eval_wall_s": time.perf_counter() - t1,
     }
